@@ -1,0 +1,12 @@
+"""Test setup: 8 fake CPU devices (set before jax is imported) so sharding bugs show up as on a pod."""
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+# Tests compare against float64/float32 references; keep matmuls exact on CPU.
+jax.config.update("jax_default_matmul_precision", "highest")
