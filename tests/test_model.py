@@ -157,3 +157,23 @@ def test_bfloat16_compute_keeps_fp32_params_and_logits(params, tokens):
   assert out.dtype == np.float32
   ref = _logits(CFG, params, tokens)
   assert np.abs(out - ref).max() < 0.1 * np.abs(ref).max()
+
+
+def test_shape_annotations_are_checked():
+  """The jaxtyping annotations of the public functions hold (and catch a wrong shape)."""
+  from beartype import beartype
+  from jaxtyping import jaxtyped
+
+  from llama_jax.attention import attention, make_mask
+  from llama_jax.model import apply_rope
+
+  checked_attention = jaxtyped(typechecker=beartype)(attention)
+  checked_mask = jaxtyped(typechecker=beartype)(make_mask)
+  checked_rope = jaxtyped(typechecker=beartype)(apply_rope)
+  q = jnp.ones((2, 5, 2, 3, 8))
+  kv = jnp.ones((2, 5, 2, 8))
+  mask = checked_mask(jnp.ones((2, 5), jnp.int32), 2, 5)
+  assert checked_attention(q, kv, kv, mask).shape == q.shape
+  assert checked_rope(kv, jnp.zeros((2, 5), jnp.int32), np.ones(4, np.float32)).shape == kv.shape
+  with pytest.raises(Exception, match="B|T|S|K"):
+    checked_attention(q, jnp.ones((2, 5, 3, 8)), kv, mask)  # K disagrees
