@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Starts experiments/<entry>.py on every worker at once, detached, logging to
+# ~/$REMOTE_DIR/logs/$RUN_NAME.log. jax.distributed finds the other workers from the TPU env,
+# and the experiment resumes from its --checkpoint_dir if a checkpoint is there.
+set -euo pipefail
+usage() {
+  echo "usage: [TPU_NAME=.. ZONE=.. PROJECT=.. RUN_NAME=run] launch.sh [--dry-run] <entry>" \
+    "[experiment flags...]   e.g. launch.sh pretrain --checkpoint_dir=gs://bucket/ckpt"
+}
+# shellcheck source=SCRIPTDIR/common.sh
+source "$(dirname "$0")/common.sh"
+parse_args "$@"
+((${#ARGS[@]} >= 1)) || die "missing <entry>"
+
+entry="${ARGS[0]#experiments/}"
+entry="${entry%.py}"
+[[ "$entry" =~ ^[A-Za-z0-9_]+$ ]] || die "<entry> is a file name in experiments/, got ${ARGS[0]}"
+log="logs/$(q "$RUN_NAME").log"
+pid="logs/$(q "$RUN_NAME").pid"
+cmd="python experiments/$entry.py"
+if ((${#ARGS[@]} > 1)); then cmd+=" $(join_q "${ARGS[@]:1}")"; fi
+# </dev/null and the redirects let ssh return while the run keeps going.
+tpu_ssh all "cd $(q "$REMOTE_DIR") && . .venv/bin/activate && mkdir -p logs && nohup $cmd > $log 2>&1 < /dev/null & echo \$! > $pid"

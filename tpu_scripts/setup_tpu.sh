@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Puts the code on every worker (git clone of REPO_URL, or a copy of this checkout) and installs it
+# into a venv with requirements.txt plus jax[tpu].
+set -euo pipefail
+usage() {
+  echo "usage: [TPU_NAME=.. ZONE=.. PROJECT=.. REPO_URL=<git url, empty: copy this checkout>" \
+    "BRANCH=main REMOTE_DIR=llama_jax] setup_tpu.sh [--dry-run]"
+}
+# shellcheck source=SCRIPTDIR/common.sh
+source "$(dirname "$0")/common.sh"
+parse_args "$@"
+((${#ARGS[@]} == 0)) || die "unknown arguments: ${ARGS[*]}"
+
+dir="$(q "$REMOTE_DIR")"
+if [[ -n "$REPO_URL" ]]; then
+  fetch="if [ -d $dir/.git ]; then git -C $dir fetch origin && git -C $dir checkout $(q "$BRANCH")"
+  fetch+=" && git -C $dir reset --hard origin/$(q "$BRANCH"); else git clone --branch"
+  fetch+=" $(q "$BRANCH") $(q "$REPO_URL") $dir; fi"
+else
+  # Copy the working tree as it is (uncommitted edits included), without venvs or git history.
+  tarball="/tmp/${TPU_NAME}-llama_jax.tar.gz"
+  run tar -czf "$tarball" -C "$REPO_ROOT" --exclude=.git --exclude=.venv --exclude=__pycache__ .
+  run gcloud compute tpus tpu-vm scp "$tarball" "$TPU_NAME:llama_jax.tar.gz" --zone="$ZONE" \
+    --project="$PROJECT" --worker=all
+  fetch="mkdir -p $dir && tar -xzf llama_jax.tar.gz -C $dir"
+fi
+# One pip resolve for both, so jax[tpu] picks the libtpu that matches the pinned jax.
+install="cd $dir && python3 -m venv .venv && . .venv/bin/activate && pip install -q -U pip"
+install+=" && pip install -q -r requirements.txt \"jax[tpu]\" && pip install -q --no-deps -e ."
+tpu_ssh all "set -e; $fetch; $install"
