@@ -1,0 +1,38 @@
+"""Losses. Each returns (sum over counted tokens, count) so that microbatches and eval batches add up
+exactly: the train step divides the summed loss (and gradient) by the total count once.
+
+A training loss has the signature `loss_fn(model, params, batch) -> (loss_sum, count)`; pretraining,
+SFT and DPO differ by this function and the data, not by a second train step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int, Num
+
+Batch = dict[str, Any]
+LossFn = Callable[[nn.Module, Any, Batch], tuple[jax.Array, jax.Array]]
+
+
+def cross_entropy(logits_BTV: Float[Array, "B T V"], targets_BT: Int[Array, "B T"],
+                  mask_BT: Num[Array, "B T"]) -> tuple[Float[Array, ""], Float[Array, ""]]:
+  """Summed next-token negative log-likelihood over tokens where mask_BT != 0, and their count."""
+  # fp32 for the normalizer: logsumexp over a 128K vocab in bf16 loses the small probabilities.
+  logits_BTV = logits_BTV.astype(jnp.float32)
+  logz_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+  # A masked sum instead of take_along_axis: with V sharded over `tensor` it reduces locally and then
+  # all-reduces a [B, T] array, where a gather would all-gather the [B, T, V] logits.
+  vocab_V = jnp.arange(logits_BTV.shape[-1])
+  target_logit_BT = jnp.sum(jnp.where(vocab_V == targets_BT[..., None], logits_BTV, 0.0), axis=-1)
+  mask_BT = mask_BT.astype(jnp.float32)
+  return jnp.sum((logz_BT - target_logit_BT) * mask_BT), jnp.sum(mask_BT)
+
+
+def pretrain_loss(model: nn.Module, params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
+  """Next-token cross-entropy on a packed batch (segment ids keep documents apart)."""
+  logits_BTV = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"])
+  return cross_entropy(logits_BTV, batch["targets"], batch["loss_mask"])
