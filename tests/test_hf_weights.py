@@ -141,3 +141,19 @@ def test_meta_consolidated_import(tmp_path):
   assert config.mlp_dim == 192 and config.rope_scaling.factor == 8.0
   tokens = np.random.default_rng(1).integers(0, 128, (B, T)).astype(np.int32)
   _assert_close(_apply(config, params, tokens, mesh), _hf_logits(model, tokens))
+
+
+def test_convert_cli_hf_to_orbax_to_hf(hf_case, tmp_path):
+  """experiments/convert.py both ways: HF → llama_jax (Orbax) → HF gives the original logits."""
+  import subprocess
+  import sys
+  model, path, tokens, ref = hf_case
+  env = {**__import__("os").environ, "JAX_PLATFORMS": "cpu"}
+  for args in (["--from_format=hf", f"--input={path}", "--to_format=orbax", f"--output={tmp_path}/o"],
+               ["--from_format=orbax", f"--input={tmp_path}/o", "--to_format=hf", "--hf_dtype=float32",
+                f"--output={tmp_path}/hf"]):
+    proc = subprocess.run([sys.executable, "experiments/convert.py", *args], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+  reloaded = transformers.LlamaForCausalLM.from_pretrained(f"{tmp_path}/hf", attn_implementation="eager")
+  _assert_close(_hf_logits(reloaded.eval(), tokens), ref)
