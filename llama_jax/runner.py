@@ -194,9 +194,10 @@ def pretrain(run: RunConfig) -> dict:
   """Runs (or resumes) pretraining; returns the final metrics."""
   train_src, eval_src, tok = _sources(run)
   model_cfg = run.model
-  if model_cfg.vocab_size < tok.vocab_size:
-    raise ConfigError(f"the tokenizer has {tok.vocab_size} ids but ModelConfig.vocab_size="
-                      f"{model_cfg.vocab_size}; use a model preset with a vocabulary that large.")
+  if model_cfg.vocab_size != tok.vocab_size:
+    # Pretraining starts from scratch: the embedding table takes the tokenizer's size.
+    print(f"vocab_size {model_cfg.vocab_size} -> {tok.vocab_size} (the tokenizer's)", flush=True)
+    model_cfg = dataclasses.replace(model_cfg, vocab_size=tok.vocab_size)
   mesh = sharding.make_mesh(run.mesh_data, run.mesh_fsdp, run.mesh_tensor)
   sharding.validate(model_cfg, mesh)
   train.check_batch_shape(run.batch_size, run.seq_len, model_cfg, run.optim, mesh)
