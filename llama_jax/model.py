@@ -174,8 +174,11 @@ class Transformer(nn.Module):
       positions_BT = jnp.broadcast_to(jnp.arange(t), (b, t))
     mask_BTS = make_mask(segment_ids_BT, b, t)
 
+    # Unit-variance rows feed the pre-norm blocks; a tied table is also the output layer, where unit
+    # rows would give logits of size sqrt(D): scale it to keep the initial loss near ln V.
+    embed_std = c.dim**-0.5 if c.tie_embeddings else 1.0
     embed_VD = _param(self, "embedding", ("vocab", "embed"), (c.vocab_size, c.dim),
-                      nn.initializers.normal(stddev=1.0), c.param_dtype)
+                      nn.initializers.normal(stddev=embed_std), c.param_dtype)
     x_BTD = jnp.take(embed_VD, tokens_BT, axis=0).astype(c.dtype)
     x_BTD = nn.with_logical_constraint(x_BTD, ("act_batch", "act_seq", "act_embed"))
 

@@ -79,8 +79,11 @@ def create_train_state(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, mesh: M
   params = params_lib.init_params(model_cfg, mesh, init_rng)
   sh = state_shardings(model_cfg, opt_cfg, mesh)
   opt_state = jax.jit(make_optimizer(opt_cfg).init, out_shardings=sh.opt_state)(params)
-  step = jax.device_put(jnp.zeros((), jnp.int32), sh.step)
-  return TrainState(step=step, params=params, opt_state=opt_state, rng=jax.device_put(state_rng, sh.rng))
+  # A jitted copy, not device_put: with several processes device_put refuses a PRNG key for a sharding
+  # that spans other processes' devices.
+  step, state_rng = jax.jit(lambda r: (jnp.zeros((), jnp.int32), r),
+                            out_shardings=(sh.step, sh.rng))(state_rng)
+  return TrainState(step=step, params=params, opt_state=opt_state, rng=state_rng)
 
 
 def check_batch_shape(batch_size: int, seq_len: int, model_cfg: ModelConfig, opt_cfg: OptimizerConfig,
