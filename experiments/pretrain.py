@@ -14,7 +14,7 @@ from absl import app, flags, logging
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments.configs.pretrain import CONFIGS  # noqa: E402
-from llama_jax import distributed, runner  # noqa: E402
+from llama_jax import distributed, optim, runner  # noqa: E402
 from llama_jax.config import ConfigError  # noqa: E402
 
 _CONFIG = flags.DEFINE_enum("config", "default", sorted(CONFIGS), "Named run config.")
@@ -31,6 +31,8 @@ for name in _STR:
 for name in _LIST:
   flags.DEFINE_list(name, None, f"Override RunConfig.{name} (comma-separated paths).")
 flags.DEFINE_list("train_weights", None, "Mixing weight per --train_files entry.")
+flags.DEFINE_list("stages", None, "Batch/sequence schedule, START_TOKENS:BATCHxSEQ per stage, e.g. "
+                  "0:1024x4096,252e6:1024x8192 (the paper's); default: one stage of --batch_size x --seq_len.")
 flags.DEFINE_bool("restart_positions", None, "Restart RoPE positions at each packed document.")
 # Optimizer and model overrides.
 _LR = flags.DEFINE_float("lr", None, "Peak learning rate.")
@@ -52,6 +54,8 @@ def run_config() -> runner.RunConfig:
       over["train_weights"] = tuple(float(w) for w in FLAGS.train_weights)
     except ValueError as e:
       raise ConfigError(f"--train_weights={','.join(FLAGS.train_weights)}: give numbers.") from e
+  if FLAGS.stages is not None:
+    over["stages"] = optim.parse_stages(FLAGS.stages)
   opt = {k: v for k, v in (("peak_lr", _LR.value), ("warmup_steps", _WARMUP.value),
                            ("grad_accum_steps", _ACCUM.value)) if v is not None}
   if "steps" in over:  # the cosine decays over the run's length

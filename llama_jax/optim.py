@@ -160,3 +160,33 @@ def stage_at(tokens_seen: int, stages: tuple[Stage, ...] = LLAMA3_STAGES) -> Sta
   validate_stages(stages)
   return [s for s in stages if s.start_tokens <= tokens_seen][-1]
 
+
+
+def stage_start_steps(stages: tuple[Stage, ...]) -> list[int]:
+  """For each stage, the number of completed steps after which it is in force.
+
+  Step s+1 runs in the stage of the tokens seen after s steps, so a stage starts at the first step
+  boundary at or past its token threshold (e.g. the paper's 252M tokens at 4M per batch: after 61 steps).
+  """
+  validate_stages(stages)
+  starts, step, tokens = [0], 0, 0
+  for prev, nxt in zip(stages, stages[1:]):
+    n = max(0, -(-(nxt.start_tokens - tokens) // prev.tokens_per_batch))  # ceil
+    step, tokens = step + n, tokens + n * prev.tokens_per_batch
+    starts.append(step)
+  return starts
+
+
+def parse_stages(text: list[str] | tuple[str, ...]) -> tuple[Stage, ...]:
+  """`--stages=0:16x128,1000000:8x256` → Stages (start_tokens:batch_size x seq_len)."""
+  out = []
+  for item in text:
+    try:
+      start, shape = item.split(":")
+      batch, seq = shape.lower().split("x")
+      out.append(Stage(int(float(start)), int(batch), int(seq)))
+    except ValueError as e:
+      raise ConfigError(f"--stages: {item!r} is not START_TOKENS:BATCHxSEQ (e.g. 0:16x128).") from e
+  stages = tuple(out)
+  validate_stages(stages)
+  return stages

@@ -10,6 +10,7 @@ it would have seen.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -19,11 +20,12 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
+from etils import epath
 
 from llama_jax import checkpoint, corpus, data, sample, sharding, train
 from llama_jax import tokenizer as tokenizer_lib
 from llama_jax.config import ConfigError, ModelConfig
-from llama_jax.optim import OptimizerConfig
+from llama_jax.optim import OptimizerConfig, Stage, stage_start_steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +38,8 @@ class RunConfig:
   steps: int
   batch_size: int  # global rows per optimizer step
   seq_len: int
+  # The paper's batch-size/sequence-length schedule; () = one stage of batch_size x seq_len.
+  stages: tuple[Stage, ...] = ()
   seed: int = 0
   mesh_data: int = 1
   mesh_fsdp: int = -1
@@ -103,24 +107,24 @@ def unigram_entropy(token_counts: np.ndarray) -> float:
 class _Log:
   """metrics.jsonl (every step), TensorBoard events and the progress line; process 0 writes."""
 
-  def __init__(self, run_dir: str, total_steps: int, first_step: int):
+  def __init__(self, run_dir: epath.Path, total_steps: int, first_step: int):
     self.enabled = jax.process_index() == 0
     self.total, self.first = total_steps, first_step
     self.start = time.perf_counter()
     self.history: list[dict] = []
     self._tb = None
     if self.enabled:
-      os.makedirs(run_dir, exist_ok=True)
-      path = os.path.join(run_dir, "metrics.jsonl")
-      if os.path.exists(path):  # keep what a previous run logged up to the step we resume from
-        with open(path) as f:
+      run_dir.mkdir(parents=True, exist_ok=True)
+      path = run_dir / "metrics.jsonl"
+      if path.exists():  # keep what a previous run logged up to the step we resume from
+        with path.open() as f:
           self.history = [r for r in map(json.loads, f) if r["step"] <= first_step]
-      self._file = open(path, "w")
+      self._file = path.open("w")
       for r in self.history:
         self._file.write(json.dumps(r) + "\n")
       try:
         from tensorboardX import SummaryWriter  # noqa: PLC0415 (optional at import time)
-        self._tb = SummaryWriter(os.path.join(run_dir, "tb"))
+        self._tb = SummaryWriter(str(run_dir / "tb"))
       except ImportError:
         logging.warning("tensorboardX not installed: no TensorBoard events")
 
@@ -158,18 +162,12 @@ def _duration(s: float) -> str:
 
 def _evaluate(eval_step, params, eval_ds, mesh, max_batches: int) -> tuple[float, np.ndarray]:
   """Held-out loss over the first `max_batches` batches, and the counts of the tokens it scored."""
-  sums, targets = [], []
-  for i, batch in enumerate(eval_ds):
-    if i >= max_batches:
-      break
-    sums.append(eval_step(params, _global_batch(batch, mesh)))
-    targets.append(batch["targets"][batch["loss_mask"] > 0])
-  total = jax.device_get(sums)
-  loss = float(sum(s for s, _ in total) / max(sum(n for _, n in total), 1.0))
-  return loss, np.bincount(np.concatenate(targets)) if targets else np.zeros(1)
+  batches = list(itertools.islice(eval_ds, max_batches))
+  loss = train.evaluate(eval_step, params, [_global_batch(b, mesh) for b in batches])
+  return loss, np.bincount(np.concatenate([b["targets"][b["loss_mask"] > 0] for b in batches]))
 
 
-def plot_losses(history: Sequence[dict], path: str) -> None:
+def plot_losses(history: Sequence[dict], path: epath.Path) -> None:
   import matplotlib  # noqa: PLC0415 (only the end of a run needs it)
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # noqa: PLC0415
@@ -186,7 +184,8 @@ def plot_losses(history: Sequence[dict], path: str) -> None:
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  with path.open("wb") as f:
+    fig.savefig(f, format="png", dpi=100)
   plt.close(fig)
 
 
@@ -200,39 +199,60 @@ def pretrain(run: RunConfig) -> dict:
     model_cfg = dataclasses.replace(model_cfg, vocab_size=tok.vocab_size)
   mesh = sharding.make_mesh(run.mesh_data, run.mesh_fsdp, run.mesh_tensor)
   sharding.validate(model_cfg, mesh)
+  stages = run.stages or (Stage(0, run.batch_size, run.seq_len),)
+  starts = stage_start_steps(stages)
+  for st in stages:  # every stage's shapes are checked before anything is trained
+    train.check_batch_shape(st.batch_size, st.seq_len, model_cfg, run.optim, mesh)
   train.check_batch_shape(run.batch_size, run.seq_len, model_cfg, run.optim, mesh)
+  stage_of = lambda steps_done: max(i for i, s in enumerate(starts) if s <= steps_done)
   nproc, pid = jax.process_count(), jax.process_index()
-  local_batch = run.batch_size // nproc
 
-  cache = os.path.join(run.run_dir, "token_cache") if run.train_files else os.path.join(run.data_dir, "tokens")
-  train_ds = data.train_dataset(train_src, tok, seq_len=run.seq_len, batch_size=local_batch, seed=run.seed,
-                                process_index=pid, process_count=nproc,
-                                restart_positions=run.restart_positions, cache_dir=cache)
-  eval_ds = (data.eval_dataset(eval_src, tok, seq_len=run.seq_len, batch_size=local_batch,
+  # Local (made absolute: Orbax needs it) or a remote URL such as gs://; Orbax and the logs write there.
+  run_dir = epath.Path(run.run_dir if "://" in run.run_dir else os.path.abspath(run.run_dir))
+  cache = os.path.join(run.data_dir, "tokens")  # local: tokenized documents, keyed by file content
+
+  def train_iterator(i: int):
+    # Each stage reads its own shuffle of the data (seed + stage): its rows have another shape.
+    return iter(data.train_dataset(
+        train_src, tok, seq_len=stages[i].seq_len, batch_size=stages[i].batch_size // nproc,
+        seed=run.seed + i, process_index=pid, process_count=nproc,
+        restart_positions=run.restart_positions, cache_dir=cache))
+
+  eval_ds = (data.eval_dataset(eval_src, tok, seq_len=run.seq_len, batch_size=run.batch_size // nproc,
                                process_index=pid, process_count=nproc,
                                restart_positions=run.restart_positions, cache_dir=cache)
              if eval_src else None)
-  data_it = iter(train_ds)
-
-  ckpt = checkpoint.Checkpointer(os.path.join(run.run_dir, "checkpoints"),
+  ckpt = checkpoint.Checkpointer(str(run_dir / "checkpoints"),
                                  save_interval_steps=run.checkpoint_every, max_to_keep=run.keep_checkpoints)
-  if ckpt.latest_step() is not None:
-    state, data_it = ckpt.restore(train.abstract_state(model_cfg, run.optim, mesh), data_it)
-    print(f"resumed from {run.run_dir} at step {ckpt.latest_step()}", flush=True)
+  if (latest := ckpt.latest_step()) is not None:
+    # The saved iterator is the one of the stage that ran the checkpoint's last step.
+    stage = stage_of(max(latest - 1, 0))
+    state, data_it = ckpt.restore(train.abstract_state(model_cfg, run.optim, mesh), train_iterator(stage))
+    print(f"resumed from {run.run_dir} at step {latest}", flush=True)
   else:
+    stage = 0
+    data_it = train_iterator(stage)
     state = train.create_train_state(model_cfg, run.optim, mesh, jax.random.key(run.seed))
   first = int(jax.device_get(state.step))  # the one sync before the loop
   train_step = train.make_train_step(model_cfg, run.optim, mesh)
   eval_step = train.make_eval_step(model_cfg, mesh) if eval_ds is not None else None
-  reader = train.MetricsReader.for_model(model_cfg, run.seq_len, mesh)
+  reader = train.MetricsReader.for_model(model_cfg, stages[stage].seq_len, mesh)
   preemption = checkpoint.install_preemption_handler()
-  log = _Log(run.run_dir, run.steps, first)
+  log = _Log(run_dir, run.steps, first)
   n_params = sum(int(x.size) for x in jax.tree.leaves(state.params))
   print(f"model: {n_params:,} params, vocab {model_cfg.vocab_size} | mesh {dict(mesh.shape)} | "
-        f"batch {run.batch_size}x{run.seq_len} | steps {first}→{run.steps}", flush=True)
+        f"batch {stages[stage].batch_size}x{stages[stage].seq_len} | steps {first}→{run.steps}", flush=True)
 
   step, eval_loss, counts = first, None, None
   while step < run.steps:
+    if stage_of(step) != stage:  # a new batch/sequence stage: new rows, one more compiled shape
+      if (out := reader.flush()) is not None:
+        log.write(*out, run.log_every)
+      stage = stage_of(step)
+      data_it = train_iterator(stage)
+      reader = train.MetricsReader.for_model(model_cfg, stages[stage].seq_len, mesh)
+      print(f"stage {stage}: batch {stages[stage].batch_size} x seq {stages[stage].seq_len} from step "
+            f"{step + 1}", flush=True)
     batch = next(data_it)
     state, metrics = train_step(state, _global_batch(batch, mesh))
     step += 1
@@ -260,8 +280,8 @@ def pretrain(run: RunConfig) -> dict:
       result["unigram_entropy"] = unigram_entropy(counts)
       print(f"held-out loss {eval_loss:.4f} nats/token vs unigram entropy of the same tokens "
             f"{result['unigram_entropy']:.4f} nats/token", flush=True)
-    plot_losses(log.history, os.path.join(run.run_dir, "loss.png"))
-    print(f"loss curves: {os.path.join(run.run_dir, 'loss.png')}", flush=True)
+    plot_losses(log.history, run_dir / "loss.png")
+    print(f"loss curves: {run_dir / 'loss.png'}", flush=True)
     if run.sample_prompts and nproc == 1:
       prompts = [tok.encode(p, bos=True) for p in run.sample_prompts]
       outs = sample.generate(model_cfg, jax.device_get(state.params), prompts, run.sample_tokens,

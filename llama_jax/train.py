@@ -245,31 +245,3 @@ class MetricsReader:
 def batch_tokens(batch: Batch) -> int:
   """Tokens the model processes for `batch` (padding included: MFU counts the work done)."""
   return int(np.prod(batch["inputs"].shape))
-
-
-def train_loop(train_step, state: TrainState, batches: Iterable[Batch], num_steps: int, *,
-               reader: MetricsReader, log: Callable[[int, dict], None] = lambda step, m: None,
-               checkpointer=None, data_iterator=None, preemption=None) -> TrainState:
-  """Sketch of the host loop: dispatch step t, then read step t−1's metrics; save when due or preempted.
-
-  `data_iterator` is the grain iterator `batches` is drawn from (saved with the state, so a resumed run
-  continues with the next batch). Returns the state after the last step run.
-  """
-  step = int(jax.device_get(state.step))  # the one sync before the loop
-  for batch in batches:
-    if step >= num_steps:
-      break
-    state, metrics = train_step(state, batch)
-    step += 1
-    if (out := reader.read(step, metrics, batch_tokens(batch))) is not None:
-      log(*out)
-    stop = preemption is not None and preemption.reached(step)
-    if checkpointer is not None and (stop or checkpointer.should_save(step)):
-      checkpointer.save(step, state, data_iterator, force=stop)
-    if stop:
-      break
-  if (out := reader.flush()) is not None:
-    log(*out)
-  if checkpointer is not None:
-    checkpointer.wait_until_finished()
-  return state

@@ -109,3 +109,14 @@ def test_paper_batch_stages():
     optim.stage_at(0, (optim.Stage(10, 1, 1),))
   with pytest.raises(ConfigError, match="--stages"):
     optim.stage_at(0, (optim.Stage(0, 1, 1), optim.Stage(0, 2, 1)))
+
+
+def test_stage_start_steps_and_flag_parsing():
+  # 252M tokens at 2^22 per batch: 60.08 batches, so the 8K stage runs from the 62nd step on.
+  starts = optim.stage_start_steps(optim.LLAMA3_STAGES)
+  assert starts[:2] == [0, 61]
+  tokens_at_2 = 61 * 2**22 + (starts[2] - 61) * 2**23
+  assert tokens_at_2 >= 2_870_000_000_000 > tokens_at_2 - 2**23
+  assert optim.parse_stages(["0:1024x4096", "252e6:1024x8192", "2.87e12:2048x8192"]) == optim.LLAMA3_STAGES
+  with pytest.raises(ConfigError, match="--stages: '0:16' is not"):
+    optim.parse_stages(["0:16"])

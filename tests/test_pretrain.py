@@ -150,3 +150,14 @@ def test_cli_error_is_one_clear_line(text_data, tmp_path):
   assert proc.returncode == 1
   assert "Traceback" not in proc.stderr
   assert proc.stderr.strip().splitlines()[-1].startswith("error: --batch_size=3 does not divide")
+
+
+def test_batch_and_sequence_stages(text_data, tmp_path, capsys):
+  """The paper's schedule at toy scale: 8 rows of 32 tokens, then 8 rows of 64 from 768 tokens on."""
+  from llama_jax.optim import Stage
+  run = _run_config(text_data, tmp_path, steps=6, seq_len=64, sample_prompts=(), eval_batches=1,
+                    stages=(Stage(0, 8, 32), Stage(768, 8, 64)))
+  runner.pretrain(run)
+  out = capsys.readouterr().out
+  assert "stage 1: batch 8 x seq 64 from step 4" in out
+  assert sorted(_losses(run.run_dir)) == list(range(1, 7))

@@ -94,9 +94,9 @@ def test_setup_copy_and_clone(stub_bin):
 
 
 def test_launch(stub_bin):
-  out = dry_run(stub_bin, "launch.sh", "--dry-run", "pretrain", "--checkpoint_dir=gs://b/ckpt",
+  out = dry_run(stub_bin, "launch.sh", "--dry-run", "pretrain", "--run_dir=gs://b/ckpt",
                 "--steps=1000")
-  assert out == [LAUNCH.format(flags=" --checkpoint_dir=gs://b/ckpt --steps=1000")]
+  assert out == [LAUNCH.format(flags=" --run_dir=gs://b/ckpt --steps=1000")]
   # `experiments/x.py` is accepted for `x`; no flags is fine.
   assert dry_run(stub_bin, "launch.sh", "--dry-run", "experiments/pretrain.py") == [
       LAUNCH.format(flags="")]
@@ -144,14 +144,14 @@ def test_multislice(stub_bin):
 
 def test_relaunch_on_preemption_prints_one_recovery(stub_bin):
   out = dry_run(stub_bin, "relaunch_on_preemption.sh", "--dry-run", "pretrain",
-                "--checkpoint_dir=gs://b/ckpt")
+                "--run_dir=gs://b/ckpt")
   assert out[0] == ("gcloud compute tpus tpu-vm describe llama-v5p --zone=us-east5-a "
                     "--project=proj --format='value(state)'")
   assert out[1].startswith("gcloud compute tpus tpu-vm delete llama-v5p")
   assert out[2].startswith("gcloud compute tpus tpu-vm create llama-v5p")
   assert out[3].startswith("tar -czf") and out[5].startswith(SSH)  # setup: copy, scp, install
-  # The relaunch is the same command: the experiment resumes from --checkpoint_dir on its own.
-  assert out[6:] == [LAUNCH.format(flags=" --checkpoint_dir=gs://b/ckpt")]
+  # The relaunch is the same command: the experiment resumes from --run_dir on its own.
+  assert out[6:] == [LAUNCH.format(flags=" --run_dir=gs://b/ckpt")]
   queued = dry_run(stub_bin, "relaunch_on_preemption.sh", "--dry-run", "--queued", "pretrain")
   assert "queued-resources describe llama-v5p-qr" in queued[0]
   assert "queued-resources create llama-v5p-qr" in queued[2]

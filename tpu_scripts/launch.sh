@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Starts experiments/<entry>.py on every worker at once, detached, logging to
 # ~/$REMOTE_DIR/logs/$RUN_NAME.log. jax.distributed finds the other workers from the TPU env,
-# and the experiment resumes from its --checkpoint_dir if a checkpoint is there.
+# and the experiment resumes from its --run_dir if a checkpoint is there.
 set -euo pipefail
 usage() {
   echo "usage: [TPU_NAME=.. ZONE=.. PROJECT=.. RUN_NAME=run] launch.sh [--dry-run] <entry>" \
-    "[experiment flags...]   e.g. launch.sh pretrain --checkpoint_dir=gs://bucket/ckpt"
+    "[experiment flags...]   e.g. launch.sh pretrain --run_dir=gs://bucket/ckpt"
 }
 # shellcheck source=SCRIPTDIR/common.sh
 source "$(dirname "$0")/common.sh"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Watches the TPU; when it is preempted (or gone), recreates it, sets it up and relaunches the same
-# command. The experiment resumes from the latest checkpoint in its --checkpoint_dir by itself.
+# command. The experiment resumes from the latest checkpoint in its --run_dir by itself.
 # Under --dry-run, prints the state query and one recovery cycle instead of looping.
 set -euo pipefail
 usage() {

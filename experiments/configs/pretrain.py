@@ -17,9 +17,9 @@ SMALL = dataclasses.replace(config.LLAMA31_8B, vocab_size=4096, dim=256, num_lay
 CONFIGS = {
     "default": RunConfig(
         model=SMALL,
-        optim=optim.OptimizerConfig(peak_lr=2e-3, final_lr=2e-4, warmup_steps=100, total_steps=1500),
-        run_dir="runs/default", steps=1500, batch_size=16, seq_len=256,
-        log_every=25, eval_every=250, eval_batches=16, checkpoint_every=250),
+        optim=optim.OptimizerConfig(peak_lr=2e-3, final_lr=2e-4, warmup_steps=30, total_steps=300),
+        run_dir="runs/default", steps=300, batch_size=16, seq_len=256,
+        log_every=10, eval_every=100, eval_batches=16, checkpoint_every=100),
     # A few steps of the same pipeline: for smoke tests and the notebook.
     "smoke": RunConfig(
         model=dataclasses.replace(SMALL, dim=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
