@@ -60,6 +60,8 @@ def run_config() -> runner.RunConfig:
                            ("grad_accum_steps", _ACCUM.value)) if v is not None}
   if "steps" in over:  # the cosine decays over the run's length
     opt["total_steps"] = over["steps"]
+    if "warmup_steps" not in opt and run.optim.warmup_steps >= over["steps"]:
+      opt["warmup_steps"] = max(1, over["steps"] // 10)  # a short run keeps a proportionate warmup
   model = {k: v for k, v in (("dtype", _DTYPE.value), ("remat_policy", _REMAT.value)) if v is not None}
   return dataclasses.replace(run, optim=dataclasses.replace(run.optim, **opt),
                              model=dataclasses.replace(run.model, **model), **over)

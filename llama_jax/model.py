@@ -21,6 +21,7 @@ import flax.linen as nn
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
+from llama_jax import sharding
 from llama_jax.attention import attention, make_mask
 from llama_jax.config import ModelConfig, RopeScaling
 
@@ -170,6 +171,7 @@ class Transformer(nn.Module):
                return_hidden: bool = False) -> Float[Array, "B T V"]:
     c = self.config
     b, t = tokens_BT.shape
+    sharding.check_divisible(tokens_BT.shape, ("act_batch", "act_seq"))
     if positions_BT is None:
       positions_BT = jnp.broadcast_to(jnp.arange(t), (b, t))
     mask_BTS = make_mask(segment_ids_BT, b, t)

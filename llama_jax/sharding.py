@@ -124,3 +124,21 @@ def use(mesh: Mesh, rules: Rules):
   """Context in which the model's activation constraints resolve onto `mesh`."""
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     yield
+
+
+def check_divisible(shape: Sequence[int], logical_axes: Sequence[str]) -> None:
+  """Raise if a dim cannot split evenly over the mesh axes its logical name maps to in this context.
+
+  XLA pads uneven splits; under activation constraints that was seen to give wrong gradients on CPU,
+  so an uneven batch is an error here rather than a silent pad. Outside `use(...)` it checks nothing.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return
+  spec = nn.logical_to_mesh_axes(tuple(logical_axes), nn.get_logical_axis_rules())
+  for size, axes, name in zip(shape, spec, logical_axes):
+    axes = (axes,) if isinstance(axes, str) else (axes or ())
+    n = int(np.prod([mesh.shape[a] for a in axes]))
+    if size % n:
+      raise ConfigError(f"{name.removeprefix('act_')} size {size} does not divide over mesh axes {axes} "
+                        f"({n} devices); use a multiple of {n} (e.g. --batch_size).")

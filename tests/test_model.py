@@ -94,6 +94,12 @@ def test_alternative_paths_equal_plain(params, tokens, variant):
   _assert_tree_close(_loss_and_grads(dataclasses.replace(CFG, **variant), params, tokens), ref)
 
 
+def test_uneven_batch_over_the_mesh_is_an_error(params, tokens):
+  """B=2 over data x fsdp = 4 would be padded by XLA (and gave wrong gradients): refuse it clearly."""
+  with pytest.raises(C.ConfigError, match=r"batch size 2 does not divide over mesh axes \('data', 'fsdp'\)"):
+    _logits(CFG, params, tokens, mesh=_mesh((2, 2, 2)))
+
+
 def test_sharded_equals_single_device(params):
   mesh = _mesh((2, 2, 2))
   tokens = jnp.asarray(np.random.default_rng(3).integers(0, CFG.vocab_size, (4, T)), jnp.int32)
