@@ -162,8 +162,11 @@ def _duration(s: float) -> str:
 
 def _evaluate(eval_step, params, eval_ds, mesh, max_batches: int) -> tuple[float, np.ndarray]:
   """Held-out loss over the first `max_batches` batches, and the counts of the tokens it scored."""
-  batches = list(itertools.islice(eval_ds, max_batches))
-  loss = train.evaluate(eval_step, params, [_global_batch(b, mesh) for b in batches])
+  batches = list(itertools.islice(eval_ds, max_batches))  # global batches, the same on every process
+  rows = len(batches[0]["inputs"]) // jax.process_count()
+  mine = slice(jax.process_index() * rows, (jax.process_index() + 1) * rows)
+  loss = train.evaluate(eval_step, params, [_global_batch({k: v[mine] for k, v in b.items()}, mesh)
+                                            for b in batches])
   return loss, np.bincount(np.concatenate([b["targets"][b["loss_mask"] > 0] for b in batches]))
 
 
@@ -218,8 +221,9 @@ def pretrain(run: RunConfig) -> dict:
         seed=run.seed + i, process_index=pid, process_count=nproc,
         restart_positions=run.restart_positions, cache_dir=cache))
 
-  eval_ds = (data.eval_dataset(eval_src, tok, seq_len=run.seq_len, batch_size=run.batch_size // nproc,
-                               process_index=pid, process_count=nproc,
+  # Every process packs the whole (small) held-out set into global batches and feeds its own rows, so
+  # the held-out loss is the same whatever the number of processes (and a 1-document source works).
+  eval_ds = (data.eval_dataset(eval_src, tok, seq_len=run.seq_len, batch_size=run.batch_size,
                                restart_positions=run.restart_positions, cache_dir=cache)
              if eval_src else None)
   ckpt = checkpoint.Checkpointer(str(run_dir / "checkpoints"),

@@ -218,7 +218,10 @@ class MetricsReader:
 
   @classmethod
   def for_model(cls, model_cfg: ModelConfig, seq_len: int, mesh: Mesh) -> "MetricsReader":
-    return cls(flops.flops_per_token(model_cfg, seq_len), mesh.size, flops.peak_flops(mesh.devices.flat[0]))
+    device = mesh.devices.flat[0]
+    # On CPU the peak is measured for the whole host, which all its (fake) devices share.
+    n = jax.process_count() if device.platform == "cpu" else mesh.size
+    return cls(flops.flops_per_token(model_cfg, seq_len), n, flops.peak_flops(device))
 
   def read(self, step: int, metrics: dict, batch_tokens: int) -> tuple[int, dict] | None:
     previous, self._pending = self._pending, (step, metrics, batch_tokens)

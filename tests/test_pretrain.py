@@ -161,3 +161,37 @@ def test_batch_and_sequence_stages(text_data, tmp_path, capsys):
   out = capsys.readouterr().out
   assert "stage 1: batch 8 x seq 64 from step 4" in out
   assert sorted(_losses(run.run_dir)) == list(range(1, 7))
+
+
+def test_two_processes_train_checkpoint_and_resume(text_data, tmp_path):
+  """The entry point on 2 processes x 4 CPU devices (jax.distributed on localhost): both train, the
+  checkpoint holds each process's data-iterator state, and a second launch resumes from it."""
+  import socket
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  run_dir = str(tmp_path / "run")
+
+  def launch(steps, port):
+    env = {**_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    procs = [subprocess.Popen(
+        _cmd(text_data, run_dir, f"--steps={steps}", "--checkpoint_every=6", "--mesh_fsdp=-1",
+             f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
+    try:
+      outs = [p.communicate(timeout=240) for p in procs]
+    finally:
+      for p in procs:
+        if p.poll() is None:
+          p.kill()
+    for p, (_, err) in zip(procs, outs):
+      assert p.returncode == 0, err[-3000:]
+    return outs[0][0]
+
+  out = launch(12, port)
+  assert "mesh {'data': 1, 'fsdp': 8, 'tensor': 1}" in out and "step     12 | held-out loss" in out
+  saved = os.listdir(os.path.join(run_dir, "checkpoints", "12", "data"))
+  assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(saved)
+  out = launch(18, port + 1 if port < 65535 else port - 1)
+  assert "resumed from" in out and "at step 12" in out
+  assert sorted(_losses(run_dir)) == list(range(1, 19))
