@@ -14,7 +14,7 @@ from llama_jax.model import Transformer, rope_frequencies
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-B, T = 2, 24
+B, T = 4, 24  # B splits over the 4 data x fsdp shards of the mesh test
 
 # (name, kv heads, llama3 rope scaling, tied embeddings): every head layout, scaling on/off, tied/untied.
 CASES = [("mha_scaled_untied", 4, True, False), ("gqa_scaled_tied", 2, True, True),
