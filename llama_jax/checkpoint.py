@@ -25,7 +25,6 @@ from typing import Any
 
 import grain
 import jax
-import flax.linen as nn
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
@@ -183,8 +182,5 @@ def load_params(path: str, mesh: jax.sharding.Mesh) -> tuple[ModelConfig, Any]:
   if fields.get("rope_scaling") is not None:
     fields["rope_scaling"] = RopeScaling(**fields["rope_scaling"])
   config = ModelConfig(**fields)
-  shardings = params_lib.param_shardings(config, mesh)
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        nn.unbox(params_lib.abstract_params(config)), shardings)
   with ocp.StandardCheckpointer() as ckptr:
-    return config, ckptr.restore(os.path.join(path, "params"), target)
+    return config, ckptr.restore(os.path.join(path, "params"), params_lib.abstract_sharded_params(config, mesh))

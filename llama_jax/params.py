@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -32,15 +33,26 @@ def param_shardings(config: ModelConfig, mesh: Mesh) -> Params:
   return sharding.shardings_of(abstract_params(config), mesh, sharding.logical_rules(config, mesh))
 
 
-def init_params(config: ModelConfig, mesh: Mesh, rng: jax.Array) -> Params:
-  """Random params created directly in their shards: no device ever holds the whole model."""
+def abstract_sharded_params(config: ModelConfig, mesh: Mesh) -> Params:
+  """Unboxed ShapeDtypeStructs carrying their shardings on `mesh`: a restore target, allocating nothing."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      nn.unbox(abstract_params(config)), param_shardings(config, mesh))
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_init(config: ModelConfig, mesh: Mesh):
+  # Cached: a fresh closure per call would be traced and compiled again for the same config and mesh.
   model = Transformer(config)
-  shardings = param_shardings(config, mesh)
 
   def init(rng):
     return nn.unbox(model.init(rng, _dummy_tokens())["params"])
 
-  return jax.jit(init, out_shardings=shardings)(rng)
+  return jax.jit(init, out_shardings=param_shardings(config, mesh))
+
+
+def init_params(config: ModelConfig, mesh: Mesh, rng: jax.Array) -> Params:
+  """Random params created directly in their shards: no device ever holds the whole model."""
+  return _jitted_init(config, mesh)(rng)
 
 
 def count_params(params: Params) -> int:

@@ -93,9 +93,11 @@ def _sources(run: RunConfig) -> tuple[list[data.Source], list[data.Source], Any]
 
 
 def _global_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
-  """This process's rows → one global array per feature, split over (data, fsdp)."""
+  """This process's rows → one global array per model input, split over (data, fsdp).
+
+  `source_id` (which source filled a row) stays on the host: the step does not read it."""
   sh = sharding.batch_sharding(mesh, ndim=1)
-  return {k: jax.make_array_from_process_local_data(sh, v) for k, v in batch.items()}
+  return {k: jax.make_array_from_process_local_data(sh, batch[k]) for k in data.FEATURES}
 
 
 def unigram_entropy(token_counts: np.ndarray) -> float:
