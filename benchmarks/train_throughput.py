@@ -6,7 +6,7 @@
 
 Each config: create the sharded train state, run --warmup steps (the first compiles), then the timed
 steps (--tiny_steps, --m100_steps) on random token batches already on device, blocking once at the
-end. MFU is model FLOPs (llama_jax/flops.py, PaLM convention) over the peak: on accelerators the
+end. MFU is model FLOPs (llama_jax/training/flops.py, PaLM convention) over the peak: on accelerators the
 vendor bf16 table value per device; on CPU a measured fp32 matmul rate of the host. Fake CPU devices
 share the host's cores, so on CPU the denominator is that one host peak, not devices × peak.
 """
@@ -18,7 +18,9 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from llama_jax import config as C, flops, optim, sharding, train
+from llama_jax import config as C
+from llama_jax.training import flops, optim, step as train
+from llama_jax.parallel import sharding
 
 _CONFIGS = flags.DEFINE_list("configs", ["tiny", "100m"], "Which configs to run: tiny, 100m.")
 _TINY_BATCH = flags.DEFINE_integer("tiny_batch", 8, "Global batch size (sequences) for tiny.")

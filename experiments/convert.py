@@ -10,7 +10,9 @@
 
 from absl import app, flags, logging
 
-from llama_jax import checkpoint, hf_weights, sharding
+from llama_jax.training import checkpoint
+from llama_jax.interop import weights as hf_weights
+from llama_jax.parallel import sharding
 
 _FROM = flags.DEFINE_enum("from_format", "hf", ["hf", "meta", "orbax"], "Format of --input.")
 _TO = flags.DEFINE_enum("to_format", "orbax", ["hf", "orbax"], "Format of --output.")

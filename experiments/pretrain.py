@@ -14,8 +14,9 @@ from absl import app, flags, logging
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments.configs.pretrain import CONFIGS  # noqa: E402
-from llama_jax import distributed, optim, runner  # noqa: E402
-from llama_jax.config import ConfigError  # noqa: E402
+from llama_jax.parallel import distributed  # noqa: E402
+from llama_jax.training import optim, pretrain as runner
+from llama_jax.errors import ConfigError  # noqa: E402
 
 _CONFIG = flags.DEFINE_enum("config", "default", sorted(CONFIGS), "Named run config.")
 # Run-level overrides: each is a field of RunConfig; unset flags keep the config's value.

@@ -11,15 +11,13 @@ import dataclasses
 import math
 from typing import Literal
 
+from llama_jax.errors import ConfigError
+
 RematPolicy = Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"]
 AttentionImpl = Literal["einsum", "xla", "cudnn"]
 DType = Literal["float32", "bfloat16", "float16"]
 
 LLAMA3_VOCAB = 128_256  # 128,000 BPE ranks + 256 special tokens
-
-
-class ConfigError(ValueError):
-  """A config or flag value that cannot work; the message names the field and the fix."""
 
 
 def ffn_dim(dim: int, multiplier: float, multiple_of: int) -> int:

@@ -6,7 +6,7 @@ import jax
 import pytest
 
 from llama_jax import config as C
-from llama_jax import sharding
+from llama_jax.parallel import sharding
 
 
 @pytest.mark.parametrize("change, field", [

@@ -9,8 +9,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from llama_jax import corpus
-from llama_jax.config import ConfigError
+from llama_jax.data import corpus
+from llama_jax.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "experiments", "colab", "quickstart.ipynb")

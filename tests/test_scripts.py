@@ -167,6 +167,6 @@ def test_slurm_submit_and_sbatch(stub_bin):
                  extra_env={"SLURM_SUBMIT_DIR": REPO}) == [
       "srun --kill-on-bad-exit=1 --cpu-bind=none python experiments/pretrain.py --steps=10"]
   headers = [l for l in open(os.path.join(SCRIPTS, "slurm/train.sbatch")) if l.startswith("#SBATCH")]
-  # One task per GPU, all GPUs visible to every task: llama_jax.distributed then pins SLURM_LOCALID.
+  # One task per GPU, all GPUs visible to every task: llama_jax.parallel.distributed then pins SLURM_LOCALID.
   assert "#SBATCH --ntasks-per-node=8\n" in headers and "#SBATCH --gpus-per-node=8\n" in headers
   assert not any("--gpus-per-task" in h for h in headers)

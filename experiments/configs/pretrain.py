@@ -7,8 +7,9 @@ The paper-scale configs are here so the launch scripts run the real recipe by na
 
 import dataclasses
 
-from llama_jax import config, optim
-from llama_jax.runner import RunConfig
+from llama_jax import config
+from llama_jax.training import optim
+from llama_jax.training.pretrain import RunConfig
 
 # A Llama 3.1 8B with every size shrunk: same RoPE (theta 5e5, factor-8 scaling), eps, GQA ratio 2.
 SMALL = dataclasses.replace(config.LLAMA31_8B, vocab_size=4096, dim=256, num_layers=4, num_heads=8,

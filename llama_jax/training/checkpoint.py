@@ -1,0 +1,187 @@
+"""Asynchronous, atomic Orbax checkpoints of the train state and the data iterator; preemption.
+
+Layout of a run directory (one Orbax `CheckpointManager`):
+  <dir>/<step>/state/   the train state pytree (params, opt_state, step, rng as raw key data), OCDBT/zarr
+  <dir>/<step>/data/    grain iterator state, one `process_<i>-of-<n>.json` per host
+  <dir>/<step>/_CHECKPOINT_METADATA, commit_success.txt
+Orbax writes a step into `<step>.orbax-checkpoint-tmp` and renames it when every host has finished, so a
+write cut short by a kill leaves a tmp directory that is never listed as a step (and is removed at the
+next start). Saving blocks only for the device→host copy; the writes go on in the background.
+
+Restore reads onto whatever shardings the target carries, so a run saved on one mesh resumes on another.
+This file knows nothing of the train state's class: it takes any pytree, and a matching abstract tree
+(jax.ShapeDtypeStruct leaves with .sharding) to restore into.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import threading
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+from llama_jax.model import params as params_lib
+from llama_jax.errors import ConfigError
+from llama_jax.config import ModelConfig, RopeScaling
+
+
+def _is_key(x: Any) -> bool:
+  return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _keys_to_data(tree: Any) -> Any:
+  # Orbax stores plain arrays: typed PRNG keys go to disk as their raw uint32 data.
+  return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
+
+
+def _abstract_keys_to_data(abstract: Any) -> Any:
+  def convert(x):
+    if not _is_key(x):
+      return x
+    data = jax.eval_shape(jax.random.key_data, x)
+    return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=x.sharding)
+
+  return jax.tree.map(convert, abstract)
+
+
+def _data_to_keys(restored: Any, abstract: Any) -> Any:
+  # The key implementation (threefry, rbg, ...) comes from the target's key dtype.
+  return jax.tree.map(lambda r, a: jax.random.wrap_key_data(r, impl=a.dtype._impl) if _is_key(a) else r,
+                      restored, abstract)
+
+
+class Checkpointer:
+  """Keeps the last `max_to_keep` checkpoints, one every `save_interval_steps` steps."""
+
+  def __init__(self, directory: str, *, save_interval_steps: int = 1000, max_to_keep: int | None = 3,
+               async_save: bool = True):
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=save_interval_steps, max_to_keep=max_to_keep,
+        enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True)  # remove the leftovers of a write cut short by a kill
+    self.manager = ocp.CheckpointManager(directory, options=options)
+    self.interval = save_interval_steps
+
+  def should_save(self, step: int) -> bool:
+    # On the interval only: Orbax's own policy would also save the first step a manager sees.
+    return step % self.interval == 0
+
+  def save(self, step: int, state: Any, data_iterator: Any | None = None, *, force: bool = False) -> bool:
+    """Start saving `state` (and the iterator's position) as `step`, if due or `force`d.
+
+    Returns once the arrays are copied to host, so the next (donating) train step may run; the grain
+    iterator's state is taken before returning too. Returns whether a save was started.
+    """
+    items = {"state": ocp.args.StandardSave(_keys_to_data(state))}
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def restore(self, abstract_state: Any, data_iterator: Any | None = None,
+              step: int | None = None) -> tuple[Any, Any]:
+    """(state, data_iterator) of `step` (default: the latest), laid out as `abstract_state` says.
+
+    `data_iterator`, if given, is a fresh grain iterator over the same dataset; its position is set to
+    the saved one and it is returned.
+    """
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {self.manager.directory}")
+    items = {"state": ocp.args.StandardRestore(_abstract_keys_to_data(abstract_state))}
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    out = self.manager.restore(step, args=ocp.args.Composite(**items))
+    state = _data_to_keys(out["state"], abstract_state)
+    return state, (out["data"] if data_iterator is not None else None)
+
+  def wait_until_finished(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Waits for the saves in flight, then releases the manager."""
+    self.manager.close()
+
+
+class Preemption:
+  """Set when the scheduler asks the job to stop (SIGTERM); the loop saves and exits at `reached`."""
+
+  def __init__(self):
+    self._event = threading.Event()
+
+  def set(self) -> None:
+    self._event.set()
+
+  def reached(self, step: int) -> bool:
+    """Whether to save and stop after `step`. Call it at every step, on every host.
+
+    On several hosts, JAX's preemption service agrees on one step for all (each host's own flag could
+    trip at different steps, and a save that not every host joins hangs).
+    """
+    if jax.process_count() > 1:
+      try:
+        return multihost_utils.reached_preemption_sync_point(step)
+      except RuntimeError:  # preemption service disabled: fall back to this host's flag
+        pass
+    return self._event.is_set()
+
+
+def install_preemption_handler(signals: tuple[int, ...] = (signal.SIGTERM,)) -> Preemption:
+  """A `Preemption` whose flag SIGTERM sets (instead of killing the process).
+
+  With several processes the handler is not installed: JAX's preemption service (started by
+  jax.distributed.initialize) owns SIGTERM there, and `Preemption.reached` asks it.
+  """
+  preemption = Preemption()
+  if jax.process_count() > 1:
+    return preemption
+
+  def handler(signum, frame):
+    del frame
+    logging.warning("signal %d: saving a checkpoint and stopping after this step", signum)
+    preemption.set()
+
+  for s in signals:
+    signal.signal(s, handler)
+  return preemption
+
+
+# ----------------------------------------------------------------------------- params only
+def save_params(path: str, params: Any, config: ModelConfig) -> None:
+  """Model weights alone (no optimizer), with the ModelConfig beside them: what convert.py writes."""
+  path = os.path.abspath(path)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.join(path, "params"), params)
+    ckptr.wait_until_finished()
+  if jax.process_index() == 0:
+    with open(os.path.join(path, "model_config.json"), "w") as f:
+      json.dump(dataclasses.asdict(config), f, indent=2)
+
+
+def load_params(path: str, mesh: jax.sharding.Mesh) -> tuple[ModelConfig, Any]:
+  """(config, params) saved by `save_params`, laid out on `mesh`."""
+  path = os.path.abspath(path)
+  cfg_file = os.path.join(path, "model_config.json")
+  if not os.path.exists(cfg_file):
+    raise ConfigError(f"--input={path}: no model_config.json; expected a directory written by "
+                      "convert.py --to_format=orbax.")
+  with open(cfg_file) as f:
+    fields = json.load(f)
+  if fields.get("rope_scaling") is not None:
+    fields["rope_scaling"] = RopeScaling(**fields["rope_scaling"])
+  config = ModelConfig(**fields)
+  with ocp.StandardCheckpointer() as ckptr:
+    return config, ckptr.restore(os.path.join(path, "params"), params_lib.abstract_sharded_params(config, mesh))

@@ -1,0 +1,253 @@
+"""The train state, the one train step, the eval step, and host-side throughput metrics.
+
+`make_train_step` jits one pure `train_step(state, batch) -> (state, metrics)` with explicit shardings
+and the state donated. The loss is a parameter (llama_jax/training/losses.py): pretraining, SFT and DPO differ by
+the loss and the data only. With `grad_accum_steps = A` the global batch [A·B_micro, T] is split into A
+microbatches that a `lax.scan` runs one after another, summing fp32 gradients; one optimizer update
+per call.
+
+Batch: a dict of int32 [B, T] arrays from the data pipeline: inputs, targets, segment_ids (0 = padding),
+positions, loss_mask (1 where the target counts). B is split over the (data, fsdp) mesh axes.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Iterable
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from llama_jax.training import flops, losses
+from llama_jax.model import params as params_lib
+from llama_jax.parallel import sharding
+from llama_jax.errors import ConfigError
+from llama_jax.config import ModelConfig
+from llama_jax.model.transformer import Transformer
+from llama_jax.training.optim import OptimizerConfig, make_optimizer, make_schedule
+
+Batch = dict[str, Any]
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: optimizer updates done
+  params: Any
+  opt_state: Any
+  # The run's base key. No current loss draws random numbers; one that does should use
+  # fold_in(rng, step), so a restarted run draws the same numbers.
+  rng: jax.Array
+
+
+def _replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def _abstract_unboxed_params(model_cfg: ModelConfig) -> Any:
+  return nn.unbox(params_lib.abstract_params(model_cfg))
+
+
+def state_shardings(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, mesh: Mesh) -> TrainState:
+  """NamedShardings of every leaf of the TrainState: optimizer moments shard like their params."""
+  param_sh = params_lib.param_shardings(model_cfg, mesh)
+  tx = make_optimizer(opt_cfg)
+  abstract_opt = jax.eval_shape(tx.init, _abstract_unboxed_params(model_cfg))
+  # tree_map_params finds the leaves of the optimizer state that mirror a param (mu, nu); the rest
+  # (step counts) are scalars and replicated.
+  opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_sh,
+                                 transform_non_params=lambda _: _replicated(mesh))
+  return TrainState(step=_replicated(mesh), params=param_sh, opt_state=opt_sh, rng=_replicated(mesh))
+
+
+def abstract_state(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, mesh: Mesh) -> TrainState:
+  """Shapes, dtypes and shardings of the TrainState without allocating it (a restore target)."""
+  tx = make_optimizer(opt_cfg)
+  p = _abstract_unboxed_params(model_cfg)
+  shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=p,
+                      opt_state=jax.eval_shape(tx.init, p), rng=jax.eval_shape(lambda: jax.random.key(0)))
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
+                      state_shardings(model_cfg, opt_cfg, mesh))
+
+
+def create_train_state(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, mesh: Mesh,
+                       rng: jax.Array) -> TrainState:
+  """Params and optimizer state created directly in their shards; `rng` seeds the init and the
+  state's key."""
+  init_rng, state_rng = jax.random.split(rng)
+  params = params_lib.init_params(model_cfg, mesh, init_rng)
+  sh = state_shardings(model_cfg, opt_cfg, mesh)
+  opt_state = jax.jit(make_optimizer(opt_cfg).init, out_shardings=sh.opt_state)(params)
+  # A jitted copy, not device_put: with several processes device_put refuses a PRNG key for a sharding
+  # that spans other processes' devices.
+  step, state_rng = jax.jit(lambda r: (jnp.zeros((), jnp.int32), r),
+                            out_shardings=(sh.step, sh.rng))(state_rng)
+  return TrainState(step=step, params=params, opt_state=opt_state, rng=state_rng)
+
+
+def check_batch_shape(batch_size: int, seq_len: int, model_cfg: ModelConfig, opt_cfg: OptimizerConfig,
+                      mesh: Mesh) -> None:
+  """Errors naming the flag, before XLA sees a shape it cannot split."""
+  if seq_len > model_cfg.max_seq_len:
+    raise ConfigError(f"--seq_len={seq_len} exceeds ModelConfig.max_seq_len={model_cfg.max_seq_len}; "
+                      "use a shorter --seq_len.")
+  a = opt_cfg.grad_accum_steps
+  if batch_size % a:
+    raise ConfigError(f"--batch_size={batch_size} is not divisible by --grad_accum_steps={a}; "
+                      f"use a multiple of {a}.")
+  flag = "--batch_size" if a == 1 else f"--batch_size/--grad_accum_steps ({batch_size}/{a})"
+  sharding.check_batch(batch_size // a, mesh, flag=flag)
+
+
+def _microbatches(x: jax.Array, accum: int) -> jax.Array:
+  """[A·Bm, ...] → [A, Bm, ...], microbatch i = rows i, i + A, i + 2A, ...
+
+  Taking strided rows keeps every microbatch spread over all data-parallel devices with no data
+  movement: each device's contiguous block of rows splits into A pieces.
+  """
+  b = x.shape[0]
+  x = jnp.swapaxes(x.reshape(b // accum, accum, *x.shape[1:]), 0, 1)
+  return jax.lax.with_sharding_constraint(x, PartitionSpec(None, sharding.BATCH_AXES))
+
+
+def accumulated_grads(model: nn.Module, loss_fn: losses.LossFn, params: Any, batch: Batch, accum: int,
+                      param_shardings: Any = None) -> tuple[Any, jax.Array, jax.Array]:
+  """(gradient of the mean loss, mean loss, count) over the whole batch, run as `accum` microbatches.
+
+  Each microbatch gives the gradient of its loss *sum*; dividing the total by the total count once
+  gives exactly the full-batch gradient of the mean over counted tokens, whatever `accum` is.
+  """
+  grad_fn = jax.value_and_grad(lambda p, mb: loss_fn(model, p, mb), has_aux=True)
+
+  def add_microbatch(carry, micro):
+    grads_sum, loss_sum, count = carry
+    (loss, n), grads = grad_fn(params, micro)
+    # Accumulate in fp32 whatever the param dtype (as the paper does for its reduce-scatters).
+    grads_sum = jax.tree.map(lambda acc, g: acc + g.astype(jnp.float32), grads_sum, grads)
+    return (grads_sum, loss_sum + loss, count + n), None
+
+  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+  if param_shardings is not None:  # the fp32 accumulator is sharded like the params
+    zeros = jax.lax.with_sharding_constraint(zeros, param_shardings)
+  micro = jax.tree.map(lambda x: _microbatches(x, accum), batch)
+  init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+  (grads_sum, loss_sum, count), _ = jax.lax.scan(add_microbatch, init, micro)
+  denom = jnp.maximum(count, 1.0)
+  grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads_sum, params)
+  return grads, loss_sum / denom, count
+
+
+def make_train_step(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, mesh: Mesh,
+                    loss_fn: losses.LossFn = losses.pretrain_loss) -> Callable[[TrainState, Batch],
+                                                                               tuple[TrainState, dict]]:
+  """`train_step(state, batch) -> (state, metrics)`, jitted once; `state` is donated.
+
+  metrics (fp32 scalars, on device): loss (mean over counted tokens), grad_norm (before clipping),
+  lr (the one this update used), tokens (counted loss tokens).
+  """
+  model = Transformer(model_cfg)
+  tx = make_optimizer(opt_cfg)
+  schedule = make_schedule(opt_cfg)
+  state_sh = state_shardings(model_cfg, opt_cfg, mesh)
+  accum = opt_cfg.grad_accum_steps
+
+  def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+    b, t = batch["inputs"].shape
+    check_batch_shape(b, t, model_cfg, opt_cfg, mesh)  # at trace time
+    grads, loss, count = accumulated_grads(model, loss_fn, state.params, batch, accum, state_sh.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                              opt_state=opt_state)
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+               "lr": jnp.asarray(schedule(state.step), jnp.float32), "tokens": count}
+    return new_state, metrics
+
+  # One sharding for the whole batch dict (a pytree prefix): every leaf is split on its leading B.
+  jitted = jax.jit(train_step, in_shardings=(state_sh, sharding.batch_sharding(mesh, ndim=1)),
+                   out_shardings=(state_sh, _replicated(mesh)), donate_argnums=0)
+  rules = sharding.logical_rules(model_cfg, mesh)
+
+  def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+    with sharding.use(mesh, rules):  # the model's activation constraints resolve onto `mesh`
+      return jitted(state, batch)
+
+  step.jitted = jitted  # for .lower(...) / cost analysis
+  return step
+
+
+def make_eval_step(model_cfg: ModelConfig, mesh: Mesh, loss_fn: losses.LossFn = losses.pretrain_loss
+                   ) -> Callable[[Any, Batch], tuple[jax.Array, jax.Array]]:
+  """`eval_step(params, batch) -> (loss_sum, count)`; add these up over batches, then divide."""
+  model = Transformer(model_cfg)
+  param_sh = params_lib.param_shardings(model_cfg, mesh)
+  jitted = jax.jit(lambda p, batch: loss_fn(model, p, batch),
+                   in_shardings=(param_sh, sharding.batch_sharding(mesh, ndim=1)),
+                   out_shardings=_replicated(mesh))
+  rules = sharding.logical_rules(model_cfg, mesh)
+
+  def step(params, batch):
+    with sharding.use(mesh, rules):
+      return jitted(params, batch)
+
+  return step
+
+
+def evaluate(eval_step, params, batches: Iterable[Batch]) -> float:
+  """Mean loss per counted token over `batches` (dispatches all batches, then syncs once)."""
+  sums = [eval_step(params, b) for b in batches]
+  total = jax.device_get(sums)
+  return float(sum(s for s, _ in total) / max(sum(n for _, n in total), 1.0))
+
+
+class MetricsReader:
+  """Host-side step time, tokens/s and MFU without a device sync in the hot path.
+
+  Call `read(step, metrics, batch_tokens)` right after dispatching step t: it stores step t's metrics
+  (still device futures) and returns step t−1's, fetched, with throughput — so the host blocks on step
+  t−1 while step t is already queued. Step time is the time between successive fetches, which in
+  steady state is the device time per step; the first fetched step (compilation) has no timing.
+  """
+
+  def __init__(self, flops_per_token: float, n_devices: int, peak_flops_per_device: float):
+    self.flops_per_token = flops_per_token
+    self.n_devices = n_devices
+    self.peak = peak_flops_per_device
+    self._pending: tuple[int, dict, int] | None = None
+    self._last_fetch: float | None = None
+
+  @classmethod
+  def for_model(cls, model_cfg: ModelConfig, seq_len: int, mesh: Mesh) -> "MetricsReader":
+    device = mesh.devices.flat[0]
+    # On CPU the peak is measured for the whole host, which all its (fake) devices share.
+    n = jax.process_count() if device.platform == "cpu" else mesh.size
+    return cls(flops.flops_per_token(model_cfg, seq_len), n, flops.peak_flops(device))
+
+  def read(self, step: int, metrics: dict, batch_tokens: int) -> tuple[int, dict] | None:
+    previous, self._pending = self._pending, (step, metrics, batch_tokens)
+    return None if previous is None else self._fetch(previous)
+
+  def flush(self) -> tuple[int, dict] | None:
+    """The last step's metrics (blocks until it is done)."""
+    previous, self._pending = self._pending, None
+    return None if previous is None else self._fetch(previous)
+
+  def _fetch(self, pending: tuple[int, dict, int]) -> tuple[int, dict]:
+    step, metrics, batch_tokens = pending
+    out = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    now = time.perf_counter()
+    if self._last_fetch is not None:
+      dt = now - self._last_fetch
+      out["step_time_s"] = dt
+      out["tokens_per_s"] = batch_tokens / dt
+      out["mfu"] = flops.mfu(batch_tokens / dt, self.flops_per_token, self.n_devices, self.peak)
+    self._last_fetch = now
+    return step, out
+
+
+def batch_tokens(batch: Batch) -> int:
+  """Tokens the model processes for `batch` (padding included: MFU counts the work done)."""
+  return int(np.prod(batch["inputs"].shape))

@@ -1,0 +1,124 @@
+"""Optimizer and schedules against float64 NumPy and the paper's numbers."""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from llama_jax import config as C
+from llama_jax.training import optim
+from llama_jax.model import params as P
+from llama_jax.errors import ConfigError
+
+
+def _lr_float64(step, cfg):
+  """The paper's schedule written out: linear warmup from 0, cosine to final_lr at total_steps."""
+  step = np.asarray(step, np.float64)
+  warm = cfg.peak_lr * step / max(cfg.warmup_steps, 1)
+  frac = np.clip((step - cfg.warmup_steps) / (cfg.total_steps - cfg.warmup_steps), 0.0, 1.0)
+  cos = cfg.final_lr + (cfg.peak_lr - cfg.final_lr) * 0.5 * (1 + np.cos(np.pi * frac))
+  return np.where(step < cfg.warmup_steps, warm, cos)
+
+
+def test_405b_schedule_matches_float64_formula():
+  cfg = optim.LLAMA3_405B_OPT
+  assert (cfg.peak_lr, cfg.final_lr, cfg.warmup_steps, cfg.total_steps) == (8e-5, 8e-7, 8000, 1_200_000)
+  steps = np.concatenate([[0, 1, 2, 4000, 7999, 8000, 8001, 100_000, 604_000, 1_000_000, 1_199_999,
+                           1_200_000, 2_000_000], np.linspace(0, 1_300_000, 1001).astype(int)])
+  got = np.asarray(jax.jit(jax.vmap(optim.make_schedule(cfg)))(jnp.asarray(steps, jnp.int32)))
+  # fp32 against float64, every step from warmup to the floor: a few fp32 ulps.
+  np.testing.assert_allclose(got, _lr_float64(steps, cfg), rtol=1e-6, atol=0)
+  assert got[0] == 0 and got[5] == pytest.approx(8e-5, rel=1e-7) and got[-1] == pytest.approx(8e-7)
+  # Halfway through the decay the LR is the mean of peak and final.
+  mid = cfg.warmup_steps + (cfg.total_steps - cfg.warmup_steps) // 2
+  assert float(optim.make_schedule(cfg)(mid)) == pytest.approx((8e-5 + 8e-7) / 2, rel=1e-6)
+
+
+def test_schedule_is_optax_warmup_cosine_up_to_its_rounding():
+  cfg = optim.OptimizerConfig(peak_lr=1.0, final_lr=0.1, warmup_steps=2, total_steps=10)
+  ref = optax.warmup_cosine_decay_schedule(0.0, 1.0, 2, 10, 0.1)
+  for s in range(12):
+    assert float(optim.make_schedule(cfg)(s)) == pytest.approx(float(ref(s)), rel=1e-6, abs=1e-7)
+
+
+def test_presets_and_llama2_defaults():
+  assert optim.LLAMA3_8B_OPT.peak_lr == 3e-4 and optim.LLAMA3_70B_OPT.peak_lr == 1.5e-4
+  cfg = optim.OptimizerConfig()
+  assert (cfg.b1, cfg.b2, cfg.eps, cfg.weight_decay, cfg.clip_norm) == (0.9, 0.95, 1e-5, 0.1, 1.0)
+
+
+@pytest.mark.parametrize("override, flag", [
+    (dict(peak_lr=0.0), "peak_lr"), (dict(final_lr=1.0), "final_lr"),
+    (dict(warmup_steps=10, total_steps=10), "total_steps"), (dict(b2=1.0), "b2"),
+    (dict(eps=0.0), "eps"), (dict(clip_norm=-1.0), "clip_norm"),
+    (dict(grad_accum_steps=0), "grad_accum_steps"),
+])
+def test_config_errors_name_the_flag(override, flag):
+  with pytest.raises(ConfigError, match=f"--{flag}"):
+    dataclasses.replace(optim.OptimizerConfig(), **override)
+
+
+def _ones_params():
+  return jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype), nn.unbox(P.abstract_params(C.TINY)))
+
+
+@pytest.mark.parametrize("decay_embeddings", [True, False])
+def test_weight_decay_hits_matrices_only(decay_embeddings):
+  """With zero gradients only the decoupled decay moves a weight: p ← p·(1 − lr·wd)."""
+  cfg = optim.OptimizerConfig(peak_lr=1e-2, final_lr=1e-3, warmup_steps=0, total_steps=10,
+                              decay_embeddings=decay_embeddings)
+  params = _ones_params()
+  tx = optim.make_optimizer(cfg)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = jax.jit(tx.update)(zeros, jax.jit(tx.init)(params), params)
+  new = jax.tree.map(lambda p, u: np.asarray(p + u), params, updates)
+  decayed = np.float32(1 - 1e-2 * 0.1)
+  for scale in (new["final_norm"]["scale"], new["layers"]["attn_norm"]["scale"],
+                new["layers"]["mlp_norm"]["scale"]):
+    np.testing.assert_array_equal(scale, 1.0)
+  for w in (new["layers"]["attn"]["wq"], new["layers"]["mlp"]["w_down"], new["lm_head"]):
+    np.testing.assert_allclose(w, decayed, rtol=1e-7)
+  np.testing.assert_allclose(new["embedding"], decayed if decay_embeddings else 1.0, rtol=1e-7)
+
+
+def test_clipping_bounds_the_first_adam_step():
+  """Clipping comes first: a huge gradient is rescaled to norm 1 and Adam's first step is ±lr anyway,
+  but the clipped gradient is what enters the moments."""
+  cfg = optim.OptimizerConfig(peak_lr=1e-2, final_lr=1e-3, warmup_steps=0, total_steps=10, weight_decay=0.0)
+  params = {"w": jnp.zeros((4,))}
+  tx = optim.make_optimizer(cfg)
+  state = tx.init(params)
+  g = {"w": jnp.array([300.0, 400.0, 0.0, 0.0])}  # norm 500
+  _, state = tx.update(g, state, params)
+  mu = state[1][0].mu["w"]  # chain(clip, adamw): adamw's ScaleByAdamState
+  np.testing.assert_allclose(mu, 0.1 * np.array([0.6, 0.8, 0, 0]), rtol=1e-6)
+
+
+def test_paper_batch_stages():
+  stages = optim.LLAMA3_STAGES
+  at = lambda tokens: optim.stage_at(tokens, stages)
+  assert at(0).tokens_per_batch == 4 * 2**20 and at(0).seq_len == 4096
+  assert at(251_999_999) == at(0)
+  assert at(252_000_000).tokens_per_batch == 8 * 2**20 and at(252_000_000).seq_len == 8192
+  assert at(2_869_999_999_999).seq_len == 8192 and at(2_869_999_999_999).batch_size == 1024
+  assert at(2_870_000_000_000).tokens_per_batch == 16 * 2**20
+  assert at(15_600_000_000_000) == stages[-1]
+  with pytest.raises(ConfigError, match="--stages"):
+    optim.stage_at(0, (optim.Stage(10, 1, 1),))
+  with pytest.raises(ConfigError, match="--stages"):
+    optim.stage_at(0, (optim.Stage(0, 1, 1), optim.Stage(0, 2, 1)))
+
+
+def test_stage_start_steps_and_flag_parsing():
+  # 252M tokens at 2^22 per batch: 60.08 batches, so the 8K stage runs from the 62nd step on.
+  starts = optim.stage_start_steps(optim.LLAMA3_STAGES)
+  assert starts[:2] == [0, 61]
+  tokens_at_2 = 61 * 2**22 + (starts[2] - 61) * 2**23
+  assert tokens_at_2 >= 2_870_000_000_000 > tokens_at_2 - 2**23
+  assert optim.parse_stages(["0:1024x4096", "252e6:1024x8192", "2.87e12:2048x8192"]) == optim.LLAMA3_STAGES
+  with pytest.raises(ConfigError, match="--stages: '0:16' is not"):
+    optim.parse_stages(["0:16"])
