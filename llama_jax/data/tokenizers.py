@@ -237,36 +237,6 @@ class Llama3Tokenizer:
   def decode(self, ids: Sequence[int]) -> str:
     return self._enc.decode([int(i) for i in ids])
 
-  # Chat format (reference: "Post-training"); ids only, the trainers build masks from them.
-
-  def encode_header(self, role: str) -> list[int]:
-    if role not in DIALOG_ROLES:
-      raise ConfigError(f"message role {role!r} is not one of {DIALOG_ROLES}.")
-    return [self.start_header_id, *self.encode(role), self.end_header_id, *self.encode("\n\n")]
-
-  def encode_message(self, message: dict) -> list[int]:
-    """`<|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>`, content stripped (Meta)."""
-    return [*self.encode_header(message["role"]), *self.encode(message["content"].strip()), self.eot_id]
-
-  def encode_dialog(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[int]:
-    """BOS, each message, then (by default) an open assistant header for the model to complete."""
-    return self.encode_dialog_with_mask(messages, add_generation_prompt)[0]
-
-  def encode_dialog_with_mask(self, messages: Sequence[dict],
-                              add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
-    """Ids and a 0/1 mask that is 1 on assistant content and its `<|eot_id|>` (what SFT learns)."""
-    ids, mask = [self.bos_id], [0]
-    for m in messages:
-      header = self.encode_header(m["role"])
-      body = [*self.encode(m["content"].strip()), self.eot_id]
-      ids += header + body
-      mask += [0] * len(header) + [int(m["role"] == "assistant")] * len(body)
-    if add_generation_prompt:
-      header = self.encode_header("assistant")
-      ids += header
-      mask += [0] * len(header)
-    return ids, mask
-
 
 _TIKTOKEN_LINE = re.compile(rb"^[A-Za-z0-9+/=]+ \d+\s*$")
 

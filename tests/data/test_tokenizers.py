@@ -9,7 +9,7 @@ import sysconfig
 
 import pytest
 
-from llama_jax.data import tokenizers as tk
+from llama_jax.data import chat, tokenizers as tk
 from llama_jax.errors import ConfigError
 
 TEXTS = [
@@ -41,7 +41,7 @@ def llama3():
 def test_llama3_golden_ids(llama3):
   assert llama3.encode("This is a test sentence.", bos=True, eos=True) == [
       128000, 2028, 374, 264, 1296, 11914, 13, 128001]
-  assert llama3.encode_message({"role": "user", "content": "This is a test sentence."}) == [
+  assert chat.encode_message(llama3, {"role": "user", "content": "This is a test sentence."}) == [
       128006, 882, 128007, 271, 2028, 374, 264, 1296, 11914, 13, 128009]
   assert (llama3.vocab_size, llama3.bos_id, llama3.eos_id, llama3.pad_id) == (
       128256, 128000, 128001, 128004)
@@ -70,18 +70,19 @@ def test_llama3_matches_hf_tokenizer_json(llama3):
 def test_llama3_dialog(llama3):
   msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
           {"role": "assistant", "content": " Hello! "}]
-  ids = llama3.encode_dialog(msgs)
-  want = [128000] + sum((llama3.encode_message(m) for m in msgs), []) + llama3.encode_header("assistant")
+  ids = chat.encode_dialog(llama3, msgs)
+  want = ([128000] + sum((chat.encode_message(llama3, m) for m in msgs), [])
+          + chat.encode_header(llama3, "assistant"))
   assert ids == want
   assert llama3.decode(ids) == (
       "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
       "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
       "<|start_header_id|>assistant<|end_header_id|>\n\nHello!<|eot_id|>"
       "<|start_header_id|>assistant<|end_header_id|>\n\n")
-  ids, mask = llama3.encode_dialog_with_mask(msgs)
+  ids, mask = chat.encode_dialog_with_mask(llama3, msgs)
   assert llama3.decode([i for i, m in zip(ids, mask) if m]) == "Hello!<|eot_id|>"
   with pytest.raises(ConfigError, match="role"):
-    llama3.encode_message({"role": "robot", "content": "x"})
+    chat.encode_message(llama3, {"role": "robot", "content": "x"})
 
 
 def test_load_tokenizer_detects_kind(tmp_path):
