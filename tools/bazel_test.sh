@@ -2,7 +2,7 @@
 # CI: the test suite under Bazel, offline. Installs nothing: it needs `bazel` (Debian:
 # apt-get install bazel-bootstrap, Bazel 4.2) and the venv at <repo>/.venv (see .ci/run).
 # Extra arguments go to `bazel test` (flags and/or targets; no target means //...), e.g.
-#   tools/bazel_test.sh //tests:test_model
+#   tools/bazel_test.sh //tests:test_config
 #   tools/bazel_test.sh --nocache_test_results --local_test_jobs=1
 set -euo pipefail
 cd "$(dirname "$0")/.."
