@@ -24,9 +24,10 @@ def make_mask(segment_ids_BT: Int[Array, "B T"] | None, batch: int, length: int)
 
 def _einsum_attention(q_BTKGH, k_BSKH, v_BSKH, mask_BTS):
   h = q_BTKGH.shape[-1]
-  logits_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH)
-  # Logits and softmax in fp32 whatever the compute dtype: bf16 softmax loses too much.
-  logits_BKGTS = logits_BKGTS.astype(jnp.float32) / jnp.sqrt(jnp.float32(h))
+  # Logits accumulated and returned in fp32 whatever the compute dtype (a bf16 result would round logits
+  # of ~100 to steps of 0.5), and the softmax in fp32.
+  logits_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
+  logits_BKGTS = logits_BKGTS / jnp.sqrt(jnp.float32(h))
   logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, _MASKED)
   probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BSKH.dtype)
   return jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BSKH)

@@ -197,12 +197,14 @@ class Transformer(nn.Module):
     if return_hidden:
       return x_BTD
 
+    # Logits accumulated and returned in fp32 (not a bf16 product cast afterwards): the softmax over 128K
+    # entries is where low precision hurts most.
     if c.tie_embeddings:
-      logits_BTV = jnp.einsum("BTD,VD->BTV", x_BTD, embed_VD.astype(c.dtype))
+      logits_BTV = jnp.einsum("BTD,VD->BTV", x_BTD, embed_VD.astype(c.dtype),
+                              preferred_element_type=jnp.float32)
     else:
       w_out_DV = _param(self, "lm_head", ("embed", "vocab"), (c.dim, c.vocab_size), _dense_init(0, 1),
                         c.param_dtype)
-      logits_BTV = jnp.einsum("BTD,DV->BTV", x_BTD, w_out_DV.astype(c.dtype))
-    # Logits in fp32: the softmax over 128K entries is where low precision hurts most.
-    logits_BTV = logits_BTV.astype(jnp.float32)
+      logits_BTV = jnp.einsum("BTD,DV->BTV", x_BTD, w_out_DV.astype(c.dtype),
+                              preferred_element_type=jnp.float32)
     return nn.with_logical_constraint(logits_BTV, ("act_batch", "act_seq", "act_vocab"))

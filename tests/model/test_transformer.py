@@ -196,3 +196,56 @@ def test_initial_loss_is_near_uniform(tied):
   logp = jax.nn.log_softmax(_logits(cfg, p, tokens))
   ce = -float(np.take_along_axis(np.asarray(logp[:, :-1]), np.asarray(tokens[:, 1:, None]), -1).mean())
   assert abs(ce - (np.log(cfg.vocab_size) + 0.5)) < 0.3, ce
+
+
+def _final_weights_f64(config, params):
+  """The output layer as the bf16 model sees it (rounded to bf16), in float64, [D, V]."""
+  w = params["embedding"].T if config.tie_embeddings else params["lm_head"]
+  return np.asarray(jnp.asarray(w, jnp.bfloat16).astype(jnp.float32), np.float64)
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_bf16_model_output_logits_are_fp32(params, tokens, tied):
+  """With bf16 compute the output projection accumulates and returns fp32: logits equal the float64
+  product of the same bf16 final hidden state and bf16 weights to fp32 accuracy (a bf16 result would be
+  off by its rounding, ~2^-9 ≈ 2e-3 of the logit)."""
+  cfg = dataclasses.replace(CFG, dtype="bfloat16", tie_embeddings=tied)
+  p = P.init_params(cfg, _mesh(), jax.random.key(2)) if tied else params
+  mesh = _mesh()
+  with sharding.use(mesh, sharding.logical_rules(cfg, mesh)):
+    f = jax.jit(lambda p, t: Transformer(cfg).apply({"params": p}, t, return_hidden=True))
+    hidden = f(p, tokens)
+  assert hidden.dtype == jnp.bfloat16
+  ref = np.asarray(hidden.astype(jnp.float32), np.float64) @ _final_weights_f64(cfg, p)
+  out = _logits(cfg, p, tokens)
+  assert out.dtype == np.float32
+  # fp32 accumulation over D = 64 products: a few ulps of the largest logit.
+  np.testing.assert_allclose(out, ref, rtol=0, atol=1e-6 * np.abs(ref).max())
+
+
+def test_bf16_attention_logits_are_fp32():
+  """bf16 q, k with logits of size ~100 that differ by ~1: the attention weights must come from
+  fp32 logits. Reference: float64 softmax attention on the same bf16 inputs; the output is bf16, so the
+  tolerance is a few bf16 roundings (of the weights and the output) of max|v|: 1e-2."""
+  from llama_jax.model.attention import attention, make_mask
+
+  rng = np.random.default_rng(7)
+  b, t, k, g, h = 1, 8, 1, 2, 16
+  q = (rng.standard_normal((b, t, k, g, h)) * 10).astype(np.float32)
+  # Every key shares a large component: logits of a row are all ~100 and differ by ~1, the regime where
+  # rounding the logits to bf16 (spacing 0.5 at 100) reorders the attention weights.
+  kk = (rng.standard_normal((1, 1, k, h)) * 10 + rng.standard_normal((b, t, k, h)) * 0.3).astype(np.float32)
+  v = rng.standard_normal((b, t, k, h)).astype(np.float32)
+  q, kk, v = (jnp.asarray(x, jnp.bfloat16) for x in (q, kk, v))
+  q64, k64, v64 = (np.asarray(x.astype(jnp.float32), np.float64) for x in (q, kk, v))
+  logits = np.einsum("BTKGH,BSKH->BKGTS", q64, k64) / np.sqrt(h)
+  causal = np.tril(np.ones((t, t), bool))
+  logits = np.where(causal, logits, -np.inf)
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  ref = np.einsum("BKGTS,BSKH->BTKGH", probs, v64)
+  for impl in ("einsum", "xla"):
+    out = attention(q, kk, v, make_mask(None, b, t), impl)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(out.astype(jnp.float32)), ref, rtol=0, atol=1e-2 * np.abs(v64).max(),
+                               err_msg=impl)
