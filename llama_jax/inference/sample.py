@@ -13,7 +13,7 @@ import numpy as np
 
 from llama_jax.errors import ConfigError
 from llama_jax.config import ModelConfig
-from llama_jax.model.transformer import Transformer
+from llama_jax.model import factory
 
 
 def generate(config: ModelConfig, params, prompts: list[list[int]], max_new_tokens: int,
@@ -43,7 +43,7 @@ def generate(config: ModelConfig, params, prompts: list[list[int]], max_new_toke
 
 
 def _generate(config: ModelConfig, max_new_tokens: int, temperature: float):
-  model = Transformer(config)
+  model = factory.make_model(config)
 
   @jax.jit
   def run(params, buf_BT, lens_B, rng):

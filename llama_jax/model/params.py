@@ -12,7 +12,7 @@ from jax.sharding import Mesh
 
 from llama_jax.parallel import sharding
 from llama_jax.config import ModelConfig
-from llama_jax.model.transformer import Transformer
+from llama_jax.model import factory
 
 Params = Any
 
@@ -23,7 +23,7 @@ def _dummy_tokens():
 
 def abstract_params(config: ModelConfig) -> Params:
   """Shapes/dtypes of the params (boxed with their logical axes), without allocating anything."""
-  model = Transformer(config)
+  model = factory.make_model(config)
   return jax.eval_shape(model.init, jax.random.key(0), _dummy_tokens())["params"]
 
 
@@ -42,7 +42,7 @@ def abstract_sharded_params(config: ModelConfig, mesh: Mesh) -> Params:
 @functools.lru_cache(maxsize=8)
 def _jitted_init(config: ModelConfig, mesh: Mesh):
   # Cached: a fresh closure per call would be traced and compiled again for the same config and mesh.
-  model = Transformer(config)
+  model = factory.make_model(config)
 
   def init(rng):
     return nn.unbox(model.init(rng, _dummy_tokens())["params"])

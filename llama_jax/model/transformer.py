@@ -19,10 +19,10 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, Float, Int
 
 from llama_jax.parallel import sharding
-from llama_jax.model.attention import attention, make_mask
+from llama_jax.model.attention import MaskInfo, attention
 from llama_jax.config import ModelConfig, RopeScaling
 
 _REMAT_POLICIES = {
@@ -96,7 +96,14 @@ class Attention(nn.Module):
   param_dtype: str
 
   @nn.compact
-  def __call__(self, x_BTD, positions_BT, mask_BTS):
+  def __call__(self, x_BTD, positions_BT, mask: MaskInfo, cache=None):
+    """(x_BTD, RoPE positions, mask description, cache) -> (out_BTD, cache).
+
+    `cache` is the slot for a KV cache (keys/values of earlier positions, whose row indices go in
+    `mask.kv_index_BS`); none is implemented yet, so it must be None and is returned unchanged.
+    """
+    if cache is not None:
+      raise NotImplementedError("Attention: no KV cache is implemented yet; pass cache=None.")
     d, k, g, h = x_BTD.shape[-1], self.num_kv_heads, self.q_per_kv, self.head_dim
     p = lambda name, axes, shape, init: _param(self, name, axes, shape, init, self.param_dtype).astype(
         self.dtype)
@@ -113,8 +120,8 @@ class Attention(nn.Module):
         q_BTKGH, ("act_batch", "act_seq", "act_kv_heads", "act_q_per_kv", "act_head_dim"))
     q_BTKGH = apply_rope(q_BTKGH, positions_BT, self.inv_freq)
     k_BSKH = apply_rope(k_BSKH, positions_BT, self.inv_freq)
-    out_BTKGH = attention(q_BTKGH, k_BSKH, v_BSKH, mask_BTS, self.impl)
-    return jnp.einsum("BTKGH,KGHD->BTD", out_BTKGH, wo_KGHD)
+    out_BTKGH = attention(q_BTKGH, k_BSKH, v_BSKH, mask, self.impl)
+    return jnp.einsum("BTKGH,KGHD->BTD", out_BTKGH, wo_KGHD), cache
 
 
 class MLP(nn.Module):
@@ -137,27 +144,25 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-norm residual block: h = x + attn(norm(x)); out = h + mlp(norm(h))."""
+  """Pre-norm residual block: h = x + attn(norm(x)); out = h + mlp(norm(h)).
+
+  (x_BTD, positions_BT, mask description, cache=None) -> (out_BTD, cache): the layer's KV cache, when
+  there is one, goes in and comes out beside the activations.
+  """
 
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BTD, positions_BT, mask_BTS):
+  def __call__(self, x_BTD, positions_BT, mask: MaskInfo, cache=None):
     c = self.config
     norm = lambda name: RMSNorm(c.norm_eps, c.dtype, c.param_dtype, name=name)
     inv_freq = rope_frequencies(c.head_dim, c.rope_theta, c.rope_scaling)
     attn = Attention(c.num_kv_heads, c.q_per_kv, c.head_dim, inv_freq, c.attention_impl, c.dtype,
                      c.param_dtype, name="attn")
-    h_BTD = x_BTD + attn(norm("attn_norm")(x_BTD), positions_BT, mask_BTS)
+    attn_BTD, cache = attn(norm("attn_norm")(x_BTD), positions_BT, mask, cache)
+    h_BTD = x_BTD + attn_BTD
     out_BTD = h_BTD + MLP(c.mlp_dim, c.dtype, c.param_dtype, name="mlp")(norm("mlp_norm")(h_BTD))
-    return nn.with_logical_constraint(out_BTD, ("act_batch", "act_seq", "act_embed"))
-
-
-class _ScanBlock(Block):
-  """Block with the (carry, broadcast inputs) -> (carry, output) signature of nn.scan."""
-
-  def __call__(self, x_BTD, positions_BT, mask_BTS):
-    return super().__call__(x_BTD, positions_BT, mask_BTS), None
+    return nn.with_logical_constraint(out_BTD, ("act_batch", "act_seq", "act_embed")), cache
 
 
 class Transformer(nn.Module):
@@ -174,7 +179,7 @@ class Transformer(nn.Module):
     sharding.check_divisible(tokens_BT.shape, ("act_batch", "act_seq"))
     if positions_BT is None:
       positions_BT = jnp.broadcast_to(jnp.arange(t), (b, t))
-    mask_BTS = make_mask(segment_ids_BT, b, t)
+    mask = MaskInfo.self_attention(segment_ids_BT)  # a description; each attention derives its mask
 
     # Unit-variance rows feed the pre-norm blocks; a tied table is also the output layer, where unit
     # rows would give logits of size sqrt(D): scale it to keep the initial loss near ln V.
@@ -184,25 +189,30 @@ class Transformer(nn.Module):
     x_BTD = jnp.take(embed_VD, tokens_BT, axis=0).astype(c.dtype)
     x_BTD = nn.with_logical_constraint(x_BTD, ("act_batch", "act_seq", "act_embed"))
 
-    block = _ScanBlock
+    # nn.scan's (carry, inputs) -> (carry, outputs) is Block's own signature: the activations are the
+    # carry; positions and the mask description are broadcast to every layer; the cache (one per layer,
+    # stacked on L; None today) is scanned over.
+    block = Block
     if c.remat_policy != "none":
       block = nn.remat(block, policy=_REMAT_POLICIES[c.remat_policy], prevent_cse=False)
     # One set of stacked weights either way; unrolling only changes how XLA sees the loop.
     layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                     in_axes=(nn.broadcast, nn.broadcast), length=c.num_layers,
+                     in_axes=(nn.broadcast, nn.broadcast, 0), length=c.num_layers,
                      unroll=1 if c.scan_layers else c.num_layers,
                      metadata_params={nn.PARTITION_NAME: "layers"})
-    x_BTD, _ = layers(c, name="layers")(x_BTD, positions_BT, mask_BTS)
+    x_BTD, _ = layers(c, name="layers")(x_BTD, positions_BT, mask, None)
     x_BTD = RMSNorm(c.norm_eps, c.dtype, c.param_dtype, name="final_norm")(x_BTD)
     if return_hidden:
       return x_BTD
 
+    # Logits accumulated and returned in fp32 (not a bf16 product cast afterwards): the softmax over 128K
+    # entries is where low precision hurts most.
     if c.tie_embeddings:
-      logits_BTV = jnp.einsum("BTD,VD->BTV", x_BTD, embed_VD.astype(c.dtype))
+      logits_BTV = jnp.einsum("BTD,VD->BTV", x_BTD, embed_VD.astype(c.dtype),
+                              preferred_element_type=jnp.float32)
     else:
       w_out_DV = _param(self, "lm_head", ("embed", "vocab"), (c.dim, c.vocab_size), _dense_init(0, 1),
                         c.param_dtype)
-      logits_BTV = jnp.einsum("BTD,DV->BTV", x_BTD, w_out_DV.astype(c.dtype))
-    # Logits in fp32: the softmax over 128K entries is where low precision hurts most.
-    logits_BTV = logits_BTV.astype(jnp.float32)
+      logits_BTV = jnp.einsum("BTD,DV->BTV", x_BTD, w_out_DV.astype(c.dtype),
+                              preferred_element_type=jnp.float32)
     return nn.with_logical_constraint(logits_BTV, ("act_batch", "act_seq", "act_vocab"))

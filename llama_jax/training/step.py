@@ -28,7 +28,7 @@ from llama_jax.model import params as params_lib
 from llama_jax.parallel import sharding
 from llama_jax.errors import ConfigError
 from llama_jax.config import ModelConfig
-from llama_jax.model.transformer import Transformer
+from llama_jax.model import factory
 from llama_jax.training.optim import OptimizerConfig, make_optimizer, make_schedule
 
 Batch = dict[str, Any]
@@ -149,7 +149,7 @@ def make_train_step(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, mesh: Mesh
   metrics (fp32 scalars, on device): loss (mean over counted tokens), grad_norm (before clipping),
   lr (the one this update used), tokens (counted loss tokens).
   """
-  model = Transformer(model_cfg)
+  model = factory.make_model(model_cfg)
   tx = make_optimizer(opt_cfg)
   schedule = make_schedule(opt_cfg)
   state_sh = state_shardings(model_cfg, opt_cfg, mesh)
@@ -182,7 +182,7 @@ def make_train_step(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, mesh: Mesh
 def make_eval_step(model_cfg: ModelConfig, mesh: Mesh, loss_fn: losses.LossFn = losses.pretrain_loss
                    ) -> Callable[[Any, Batch], tuple[jax.Array, jax.Array]]:
   """`eval_step(params, batch) -> (loss_sum, count)`; add these up over batches, then divide."""
-  model = Transformer(model_cfg)
+  model = factory.make_model(model_cfg)
   param_sh = params_lib.param_shardings(model_cfg, mesh)
   jitted = jax.jit(lambda p, batch: loss_fn(model, p, batch),
                    in_shardings=(param_sh, sharding.batch_sharding(mesh, ndim=1)),

@@ -171,15 +171,14 @@ def test_shape_annotations_are_checked():
   from beartype import beartype
   from jaxtyping import jaxtyped
 
-  from llama_jax.model.attention import attention, make_mask
+  from llama_jax.model.attention import MaskInfo, attention
   from llama_jax.model.transformer import apply_rope
 
   checked_attention = jaxtyped(typechecker=beartype)(attention)
-  checked_mask = jaxtyped(typechecker=beartype)(make_mask)
   checked_rope = jaxtyped(typechecker=beartype)(apply_rope)
   q = jnp.ones((2, 5, 2, 3, 8))
   kv = jnp.ones((2, 5, 2, 8))
-  mask = checked_mask(jnp.ones((2, 5), jnp.int32), 2, 5)
+  mask = MaskInfo.self_attention(jnp.ones((2, 5), jnp.int32))
   assert checked_attention(q, kv, kv, mask).shape == q.shape
   assert checked_rope(kv, jnp.zeros((2, 5), jnp.int32), np.ones(4, np.float32)).shape == kv.shape
   with pytest.raises(Exception, match="B|T|S|K"):
@@ -196,3 +195,109 @@ def test_initial_loss_is_near_uniform(tied):
   logp = jax.nn.log_softmax(_logits(cfg, p, tokens))
   ce = -float(np.take_along_axis(np.asarray(logp[:, :-1]), np.asarray(tokens[:, 1:, None]), -1).mean())
   assert abs(ce - (np.log(cfg.vocab_size) + 0.5)) < 0.3, ce
+
+
+def _final_weights_f64(config, params):
+  """The output layer as the bf16 model sees it (rounded to bf16), in float64, [D, V]."""
+  w = params["embedding"].T if config.tie_embeddings else params["lm_head"]
+  return np.asarray(jnp.asarray(w, jnp.bfloat16).astype(jnp.float32), np.float64)
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_bf16_model_output_logits_are_fp32(params, tokens, tied):
+  """With bf16 compute the output projection accumulates and returns fp32: logits equal the float64
+  product of the same bf16 final hidden state and bf16 weights to fp32 accuracy (a bf16 result would be
+  off by its rounding, ~2^-9 ≈ 2e-3 of the logit)."""
+  cfg = dataclasses.replace(CFG, dtype="bfloat16", tie_embeddings=tied)
+  p = P.init_params(cfg, _mesh(), jax.random.key(2)) if tied else params
+  mesh = _mesh()
+  with sharding.use(mesh, sharding.logical_rules(cfg, mesh)):
+    f = jax.jit(lambda p, t: Transformer(cfg).apply({"params": p}, t, return_hidden=True))
+    hidden = f(p, tokens)
+  assert hidden.dtype == jnp.bfloat16
+  ref = np.asarray(hidden.astype(jnp.float32), np.float64) @ _final_weights_f64(cfg, p)
+  out = _logits(cfg, p, tokens)
+  assert out.dtype == np.float32
+  # fp32 accumulation over D = 64 products: a few ulps of the largest logit.
+  np.testing.assert_allclose(out, ref, rtol=0, atol=1e-6 * np.abs(ref).max())
+
+
+def test_bf16_attention_logits_are_fp32():
+  """bf16 q, k with logits of size ~100 that differ by ~1: the attention weights must come from
+  fp32 logits. Reference: float64 softmax attention on the same bf16 inputs; the output is bf16, so the
+  tolerance is a few bf16 roundings (of the weights and the output) of max|v|: 1e-2."""
+  from llama_jax.model.attention import MaskInfo, attention
+
+  rng = np.random.default_rng(7)
+  b, t, k, g, h = 1, 8, 1, 2, 16
+  q = (rng.standard_normal((b, t, k, g, h)) * 10).astype(np.float32)
+  # Every key shares a large component: logits of a row are all ~100 and differ by ~1, the regime where
+  # rounding the logits to bf16 (spacing 0.5 at 100) reorders the attention weights.
+  kk = (rng.standard_normal((1, 1, k, h)) * 10 + rng.standard_normal((b, t, k, h)) * 0.3).astype(np.float32)
+  v = rng.standard_normal((b, t, k, h)).astype(np.float32)
+  q, kk, v = (jnp.asarray(x, jnp.bfloat16) for x in (q, kk, v))
+  q64, k64, v64 = (np.asarray(x.astype(jnp.float32), np.float64) for x in (q, kk, v))
+  logits = np.einsum("BTKGH,BSKH->BKGTS", q64, k64) / np.sqrt(h)
+  causal = np.tril(np.ones((t, t), bool))
+  logits = np.where(causal, logits, -np.inf)
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  ref = np.einsum("BKGTS,BSKH->BTKGH", probs, v64)
+  for impl in ("einsum", "xla"):
+    out = attention(q, kk, v, MaskInfo.self_attention(), impl)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(out.astype(jnp.float32)), ref, rtol=0, atol=1e-2 * np.abs(v64).max(),
+                               err_msg=impl)
+
+
+def _attention_f64(q, k, v, allowed_BTS):
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  logits = np.einsum("BTKGH,BSKH->BKGTS", q, k) / np.sqrt(q.shape[-1])
+  logits = np.where(allowed_BTS[:, None, None], logits, -np.inf)
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  return np.einsum("BKGTS,BSKH->BTKGH", probs / probs.sum(-1, keepdims=True), v)
+
+
+@pytest.mark.parametrize("impl", ["einsum", "xla"])
+def test_attention_derives_its_mask_from_the_description(impl):
+  """Segments + causality by index in the row, against float64 NumPy with the mask written out; and a
+  query block at an offset in the row (as a KV cache or a context-parallel shard would pass it) equals
+  those rows of the full attention."""
+  from llama_jax.model.attention import MaskInfo, attention
+
+  rng = np.random.default_rng(11)
+  b, t, k, g, h = 2, 12, 2, 2, 8
+  q = rng.standard_normal((b, t, k, g, h)).astype(np.float32)
+  kk, v = (rng.standard_normal((b, t, k, h)).astype(np.float32) for _ in range(2))
+  seg = np.array([[1] * 5 + [2] * 4 + [0] * 3, [1] * 12], np.int32)
+  idx = np.arange(t)
+  allowed = (idx[None, None, :] <= idx[None, :, None]) & (seg[:, :, None] == seg[:, None, :])
+  full = attention(jnp.asarray(q), jnp.asarray(kk), jnp.asarray(v), MaskInfo.self_attention(jnp.asarray(seg)),
+                   impl)
+  np.testing.assert_allclose(np.asarray(full), _attention_f64(q, kk, v, allowed), atol=1e-6, rtol=1e-6)
+  # Queries 8..11 only (keys: the whole row), their indices telling where they sit.
+  tail = MaskInfo(q_segment_BT=jnp.asarray(seg[:, 8:]), kv_segment_BS=jnp.asarray(seg),
+                  q_index_BT=jnp.asarray(np.broadcast_to(idx[8:], (b, 4))),
+                  kv_index_BS=jnp.asarray(np.broadcast_to(idx, (b, t))))
+  part = attention(jnp.asarray(q[:, 8:]), jnp.asarray(kk), jnp.asarray(v), tail, impl)
+  np.testing.assert_allclose(np.asarray(part), np.asarray(full)[:, 8:], atol=1e-6, rtol=1e-6)
+  # Not causal: every token of the same segment.
+  both = attention(jnp.asarray(q), jnp.asarray(kk), jnp.asarray(v),
+                   MaskInfo.self_attention(jnp.asarray(seg), causal=False), impl)
+  np.testing.assert_allclose(np.asarray(both), _attention_f64(q, kk, v, seg[:, :, None] == seg[:, None, :]),
+                             atol=1e-6, rtol=1e-6)
+
+
+def test_block_passes_the_cache_slot_through(params):
+  """Block and Attention take and return a cache beside the activations; None passes through (no cache
+  is implemented yet) and anything else is refused clearly."""
+  from llama_jax.model.attention import MaskInfo
+  from llama_jax.model.transformer import Block
+
+  layer0 = jax.tree.map(lambda x: x[0], params["layers"])
+  x = jnp.asarray(np.random.default_rng(4).standard_normal((B, T, CFG.dim)), jnp.float32)
+  pos = jnp.broadcast_to(jnp.arange(T), (B, T))
+  out, cache = Block(CFG).apply({"params": layer0}, x, pos, MaskInfo.self_attention(), None)
+  assert cache is None and out.shape == x.shape
+  with pytest.raises(NotImplementedError, match="no KV cache is implemented yet; pass cache=None"):
+    Block(CFG).apply({"params": layer0}, x, pos, MaskInfo.self_attention(), {"k": x})
