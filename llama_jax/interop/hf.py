@@ -170,8 +170,9 @@ def _host_tensors(params, config: ModelConfig) -> Iterator[tuple[str, Callable[[
       yield entry.hf_key.format(i=i), fetch
 
 
-def _is_weight_file(name: str) -> bool:
-  return (name.startswith("model") and name.endswith(".safetensors")) or name == INDEX
+def _is_weight_file(name: str) -> bool:  # of an earlier export, or left by one cut short
+  return ((name.startswith("model") and name.endswith(".safetensors")) or name == INDEX
+          or (name.startswith("_shard") and name.endswith(".tmp")))
 
 
 def save_hf(params, config: ModelConfig, path: str, dtype: str = "bfloat16",
