@@ -94,7 +94,7 @@ def main(argv):
       raise app.UsageError(f"--devices={_DEVICES.value}: only {len(devices)} {devices[0].platform} "
                            "devices here.")
     devices = devices[: _DEVICES.value]
-  mesh = sharding.make_mesh(1, -1, 1, devices=devices)
+  mesh = sharding.make_mesh(fsdp=-1, devices=devices)
   kind = devices[0].device_kind
   on_cpu = devices[0].platform == "cpu"
   table_peak = flops.peak_flops_per_device(kind)

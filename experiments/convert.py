@@ -8,10 +8,13 @@
   python experiments/convert.py --from_format=orbax --input=/ckpt/l31_8b_orbax --to_format=hf --output=/tmp/hf
 """
 
+import os
+import sys
+
 from absl import app, flags, logging
 
-from llama_jax.training import checkpoint
-from llama_jax.interop import weights as hf_weights
+from llama_jax.errors import ConfigError
+from llama_jax.interop import hf, meta, orbax
 from llama_jax.parallel import sharding
 
 _FROM = flags.DEFINE_enum("from_format", "hf", ["hf", "meta", "orbax"], "Format of --input.")
@@ -22,25 +25,45 @@ _DTYPE = flags.DEFINE_enum("hf_dtype", "bfloat16", ["bfloat16", "float32", "floa
                            "Tensor dtype of exported safetensors.")
 _ROPE_FACTOR = flags.DEFINE_float("rope_scaling_factor", None,
                                   "Meta import only: RoPE scaling factor (params.json does not say it).")
+_BOS = flags.DEFINE_integer("bos_id", hf.LLAMA3_BOS_ID, "HF export: the tokenizer's BOS id.")
+_EOS = flags.DEFINE_list("eos_id", [str(hf.LLAMA3_EOS_ID)], "HF export: the tokenizer's EOS id(s).")
 _MESH_FSDP = flags.DEFINE_integer("mesh_fsdp", -1, "FSDP degree (-1: all devices not used by tensor).")
 _MESH_TENSOR = flags.DEFINE_integer("mesh_tensor", 1, "Tensor-parallel degree.")
 
 
-def main(argv):
-  del argv
-  mesh = sharding.make_mesh(data=1, fsdp=_MESH_FSDP.value, tensor=_MESH_TENSOR.value)
-  if _FROM.value == "hf":
-    config, params = hf_weights.load_hf(_INPUT.value, mesh)
-  elif _FROM.value == "meta":
-    config, params = hf_weights.load_meta(_INPUT.value, mesh, _ROPE_FACTOR.value)
-  else:
-    config, params = checkpoint.load_params(_INPUT.value, mesh)
+def convert() -> None:
+  if os.path.isfile(_OUTPUT.value):
+    raise ConfigError(f"--output={_OUTPUT.value} is a file; give a directory (new or existing).")
+  try:
+    eos = [int(i) for i in _EOS.value]
+  except ValueError:
+    raise ConfigError(f"--eos_id={','.join(_EOS.value)}: give integers.") from None
+  mesh = sharding.make_mesh(fsdp=_MESH_FSDP.value, tensor=_MESH_TENSOR.value)
+  try:
+    if _FROM.value == "hf":
+      config, params = hf.load_hf(_INPUT.value, mesh)
+    elif _FROM.value == "meta":
+      config, params = meta.load_meta(_INPUT.value, mesh, _ROPE_FACTOR.value)
+    else:
+      config, params = orbax.load_params(_INPUT.value, mesh)
+  except ConfigError as e:
+    raise ConfigError(f"--input (--from_format={_FROM.value}): {e}") from None
   logging.info("loaded %s checkpoint: %s", _FROM.value, config)
   if _TO.value == "hf":
-    hf_weights.save_hf(params, config, _OUTPUT.value, dtype=_DTYPE.value)
+    hf.save_hf(params, config, _OUTPUT.value, dtype=_DTYPE.value, bos_id=_BOS.value,
+               eos_id=eos[0] if len(eos) == 1 else eos)
   else:
-    checkpoint.save_params(_OUTPUT.value, params, config)
+    orbax.save_params(_OUTPUT.value, params, config)
   print(f"wrote {_TO.value} checkpoint to {_OUTPUT.value}")
+
+
+def main(argv):
+  if len(argv) > 1:
+    sys.exit(f"error: unexpected arguments {argv[1:]}; every setting is a --flag (see --help).")
+  try:
+    convert()
+  except ConfigError as e:
+    sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ def test_presets_keep_the_real_numerics():
 
 
 @pytest.mark.parametrize("mesh, match", [
-    (dict(data=1, fsdp=3, tensor=1), "--mesh_data/--mesh_fsdp/--mesh_tensor"),
+    (dict(data=1, fsdp=3, tensor=1), r"--mesh_fsdp=3 = 3 devices, but 8 are available"),
     (dict(data=3, fsdp=-1, tensor=1), "--mesh_data=3"),
     (dict(data=1, fsdp=1, tensor=0), "--mesh_tensor=0"),
 ])
@@ -45,12 +45,12 @@ def test_bad_mesh_shapes(mesh, match):
 
 
 def test_mesh_must_fit_the_model():
-  mesh = sharding.make_mesh(1, 1, 8)
+  mesh = sharding.make_mesh(fsdp=1, tensor=8)
   # 8 tensor shards cannot split 2 KV heads nor 2 query heads per KV head.
   with pytest.raises(C.ConfigError, match="--mesh_tensor=8 can split neither num_kv_heads=2"):
     sharding.validate(C.TINY, mesh)
   with pytest.raises(C.ConfigError, match=r"ModelConfig.dim=60 is not divisible by --mesh_fsdp=8"):
-    sharding.validate(dataclasses.replace(C.TINY, dim=60), sharding.make_mesh(1, 8, 1))
+    sharding.validate(dataclasses.replace(C.TINY, dim=60), sharding.make_mesh(fsdp=8))
   with pytest.raises(C.ConfigError, match="--batch_size=6 does not divide"):
-    sharding.check_batch(6, sharding.make_mesh(2, 2, 2))
+    sharding.check_batch(6, sharding.make_mesh(data=2, fsdp=2, tensor=2))
   assert len(jax.devices()) == 8

@@ -1,17 +1,21 @@
 """The one place where logical axis names meet mesh axes.
 
 Model code names logical axes only; this table maps them onto the named device mesh
-(data, fsdp, tensor). Layouts, in Scaling Book notation (subscript = mesh axes a dim is split over):
+(data, fsdp, context, tensor). Layouts, in Scaling Book notation (subscript = mesh axes a dim is split over):
 
   embedding   E[V_tensor, D_fsdp]                 lm_head   W[D_fsdp, V_tensor]
   attention   Wq[D_fsdp, K_tensor, G, H]          Wk, Wv    [D_fsdp, K_tensor, H]
               Wo[K_tensor, G, H, D_fsdp]          (G_tensor instead when K < tensor, e.g. MQA)
   MLP         W_gate, W_up[D_fsdp, F_tensor]      W_down[F_tensor, D_fsdp]
   norms       scale[D] (replicated); stacked layers add a leading unsharded L
-  activations x[B_(data,fsdp), T, D]   h[B_(data,fsdp), T, F_tensor]   logits[B_(data,fsdp), T, V_tensor]
+  activations x[B_(data,fsdp), T_context, D]   h[B_(data,fsdp), T_context, F_tensor]
+              logits[B_(data,fsdp), T_context, V_tensor]
 
 FSDP shards parameters over `fsdp` and the batch over (data, fsdp); XLA all-gathers weights per
-layer inside the scan and reduce-scatters their gradients.
+layer inside the scan and reduce-scatters their gradients. `context` splits the sequence (size 1
+unless long context asks for it). Meshes come from the topology (mesh_utils), not a reshape of
+jax.devices(): devices are ordered so that the inner axes (tensor, context, fsdp) stay on the fast
+links; with several slices (TPU multislice), `data` goes across slices (DCN) and the rest inside one.
 """
 
 from __future__ import annotations
@@ -22,12 +26,13 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.experimental import mesh_utils
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from llama_jax.errors import ConfigError
 from llama_jax.config import ModelConfig
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "context", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
 Rules = tuple[tuple[str, Any], ...]
@@ -51,7 +56,7 @@ def logical_rules(config: ModelConfig, mesh: Mesh | None = None) -> Rules:
   )
   activations = (
       ("act_batch", BATCH_AXES),
-      ("act_seq", None),
+      ("act_seq", "context"),
       ("act_embed", None),
       ("act_mlp", "tensor"),
       ("act_kv_heads", heads),
@@ -62,26 +67,42 @@ def logical_rules(config: ModelConfig, mesh: Mesh | None = None) -> Rules:
   return params + activations
 
 
-def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A (data, fsdp, tensor) mesh over `devices`; fsdp=-1 takes all devices left over."""
+def _slices(devices: Sequence[Any]) -> int:
+  """How many slices (ICI islands joined by DCN) the devices span; 1 where devices carry no slice_index."""
+  return len({getattr(d, "slice_index", 0) for d in devices})
+
+
+def make_mesh(*, data: int = 1, fsdp: int = -1, context: int = 1, tensor: int = 1,
+              devices: Sequence[Any] | None = None) -> Mesh:
+  """A (data, fsdp, context, tensor) mesh over `devices`, ordered by the topology; fsdp=-1 fills in."""
   devices = list(jax.devices() if devices is None else devices)
   n = len(devices)
-  for flag, v in (("--mesh_data", data), ("--mesh_tensor", tensor)):
-    if v < 1:
-      raise ConfigError(f"{flag}={v}: must be >= 1.")
+  sizes = {"data": data, "fsdp": fsdp, "context": context, "tensor": tensor}
+  for axis, v in sizes.items():
+    if v < 1 and not (axis == "fsdp" and v == -1):
+      raise ConfigError(f"--mesh_{axis}={v}: must be >= 1" + (" (or -1: the rest)." if axis == "fsdp" else "."))
+  # Errors name only the degrees set (not 1), so each flag named exists in the entry point used.
+  named = lambda: " x ".join(f"--mesh_{a}={v}" for a, v in sizes.items() if v != 1 or a == "fsdp")
   if fsdp == -1:
-    if n % (data * tensor):
-      raise ConfigError(
-          f"--mesh_data={data} x --mesh_tensor={tensor} does not divide the {n} devices; "
-          f"choose degrees whose product divides {n}.")
-    fsdp = n // (data * tensor)
-  if fsdp < 1 or data * fsdp * tensor != n:
-    raise ConfigError(
-        f"mesh data={data} x fsdp={fsdp} x tensor={tensor} = {data * fsdp * tensor} devices, but "
-        f"{n} are available; set --mesh_data/--mesh_fsdp/--mesh_tensor so the product is {n} "
-        "(--mesh_fsdp=-1 fills in the rest).")
-  return Mesh(np.asarray(devices).reshape(data, fsdp, tensor), MESH_AXES)
+    if n % (data * context * tensor):
+      raise ConfigError(f"{named()} does not divide the {n} devices; choose degrees whose product "
+                        f"divides {n}.")
+    fsdp = n // (data * context * tensor)
+  elif data * fsdp * context * tensor != n:
+    raise ConfigError(f"{named()} = {data * fsdp * context * tensor} devices, but {n} are available; "
+                      f"choose degrees whose product is {n} (--mesh_fsdp=-1 fills in the rest).")
+  # Auto axes: shardings come from our rules table, not from explicit-sharding types.
+  auto = (AxisType.Auto,) * len(MESH_AXES)
+  slices = _slices(devices)
+  if slices == 1:
+    return jax.make_mesh((data, fsdp, context, tensor), MESH_AXES, axis_types=auto, devices=devices)
+  # Several slices: data parallelism crosses them over DCN; fsdp, context and tensor stay on ICI.
+  if data % slices:
+    raise ConfigError(f"--mesh_data={data}: the devices span {slices} slices and data parallelism goes "
+                      f"across them; use a multiple of {slices}.")
+  grid = mesh_utils.create_hybrid_device_mesh((data // slices, fsdp, context, tensor), (slices, 1, 1, 1),
+                                              devices)
+  return Mesh(grid, MESH_AXES, axis_types=auto)
 
 
 def validate(config: ModelConfig, mesh: Mesh) -> None:

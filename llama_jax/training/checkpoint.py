@@ -15,10 +15,7 @@ This file knows nothing of the train state's class: it takes any pytree, and a m
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
-import os
 import signal
 import threading
 from typing import Any
@@ -27,10 +24,6 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
-
-from llama_jax.model import params as params_lib
-from llama_jax.errors import ConfigError
-from llama_jax.config import ModelConfig, RopeScaling
 
 
 def _is_key(x: Any) -> bool:
@@ -157,31 +150,3 @@ def install_preemption_handler(signals: tuple[int, ...] = (signal.SIGTERM,)) -> 
   for s in signals:
     signal.signal(s, handler)
   return preemption
-
-
-# ----------------------------------------------------------------------------- params only
-def save_params(path: str, params: Any, config: ModelConfig) -> None:
-  """Model weights alone (no optimizer), with the ModelConfig beside them: what convert.py writes."""
-  path = os.path.abspath(path)
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.join(path, "params"), params)
-    ckptr.wait_until_finished()
-  if jax.process_index() == 0:
-    with open(os.path.join(path, "model_config.json"), "w") as f:
-      json.dump(dataclasses.asdict(config), f, indent=2)
-
-
-def load_params(path: str, mesh: jax.sharding.Mesh) -> tuple[ModelConfig, Any]:
-  """(config, params) saved by `save_params`, laid out on `mesh`."""
-  path = os.path.abspath(path)
-  cfg_file = os.path.join(path, "model_config.json")
-  if not os.path.exists(cfg_file):
-    raise ConfigError(f"--input={path}: no model_config.json; expected a directory written by "
-                      "convert.py --to_format=orbax.")
-  with open(cfg_file) as f:
-    fields = json.load(f)
-  if fields.get("rope_scaling") is not None:
-    fields["rope_scaling"] = RopeScaling(**fields["rope_scaling"])
-  config = ModelConfig(**fields)
-  with ocp.StandardCheckpointer() as ckptr:
-    return config, ckptr.restore(os.path.join(path, "params"), params_lib.abstract_sharded_params(config, mesh))

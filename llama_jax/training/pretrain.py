@@ -206,7 +206,7 @@ def pretrain(run: RunConfig) -> dict:
     # Pretraining starts from scratch: the embedding table takes the tokenizer's size.
     print(f"vocab_size {model_cfg.vocab_size} -> {tok.vocab_size} (the tokenizer's)", flush=True)
     model_cfg = dataclasses.replace(model_cfg, vocab_size=tok.vocab_size)
-  mesh = sharding.make_mesh(run.mesh_data, run.mesh_fsdp, run.mesh_tensor)
+  mesh = sharding.make_mesh(data=run.mesh_data, fsdp=run.mesh_fsdp, tensor=run.mesh_tensor)
   sharding.validate(model_cfg, mesh)
   stages = run.stages or (Stage(0, run.batch_size, run.seq_len),)
   starts = stage_start_steps(stages)

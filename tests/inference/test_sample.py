@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from llama_jax.interop import weights as hf_weights
+from llama_jax.interop import hf
 from llama_jax.parallel import sharding
 from llama_jax.errors import ConfigError
 from llama_jax.inference.sample import generate
@@ -20,8 +20,8 @@ def test_greedy_matches_hf_generate(tmp_path):
                                  rms_norm_eps=1e-5, attn_implementation="eager")
   model = transformers.LlamaForCausalLM(cfg).eval()
   model.save_pretrained(tmp_path)
-  mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-  config, params = hf_weights.load_hf(str(tmp_path), mesh)
+  mesh = sharding.make_mesh(fsdp=1, devices=jax.devices()[:1])
+  config, params = hf.load_hf(str(tmp_path), mesh)
   prompts = [[5, 17, 33], [7, 9, 11, 13, 90]]
   ours = generate(config, params, prompts, max_new_tokens=10)
   for prompt, new in zip(prompts, ours):

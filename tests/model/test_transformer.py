@@ -17,7 +17,8 @@ B, T = 2, 16
 
 
 def _mesh(shape=(1, 1, 1)):
-  return sharding.make_mesh(*shape, devices=jax.devices()[: int(np.prod(shape))])
+  data, fsdp, tensor = shape
+  return sharding.make_mesh(data=data, fsdp=fsdp, tensor=tensor, devices=jax.devices()[: data * fsdp * tensor])
 
 
 def _logits(config, params, tokens, positions=None, segment_ids=None, mesh=None):

@@ -101,7 +101,7 @@ def main():
         {}), timeout_s=120)
   assert (jax.process_count(), jax.process_index(), jax.device_count()) == (nproc, pid, GLOBAL_DEVICES)
 
-  mesh = sharding.make_mesh(1, -1, 1)  # fsdp over all 8 global devices
+  mesh = sharding.make_mesh(fsdp=-1)  # fsdp over all 8 global devices
   train_step = train.make_train_step(CFG, OPT, mesh)
   state = train.create_train_state(CFG, OPT, mesh, jax.random.key(0))
 

@@ -21,7 +21,8 @@ B, T = 8, 16
 
 
 def _mesh(shape):
-  return sharding.make_mesh(*shape, devices=jax.devices()[: int(np.prod(shape))])
+  data, fsdp, tensor = shape
+  return sharding.make_mesh(data=data, fsdp=fsdp, tensor=tensor, devices=jax.devices()[: data * fsdp * tensor])
 
 
 def _batches(seed=0):

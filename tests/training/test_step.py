@@ -34,7 +34,8 @@ def make_batch(seed=0, b=B, t=T, vocab=CFG.vocab_size):
 
 
 def _mesh(shape):
-  return sharding.make_mesh(*shape, devices=jax.devices()[: int(np.prod(shape))])
+  data, fsdp, tensor = shape
+  return sharding.make_mesh(data=data, fsdp=fsdp, tensor=tensor, devices=jax.devices()[: data * fsdp * tensor])
 
 
 def _host(tree):

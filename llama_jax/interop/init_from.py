@@ -1,0 +1,53 @@
+"""`--init_from=hf:/path|meta:/path|orbax:/path`: pretrained weights for a run, laid out on its mesh."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from jax.sharding import Mesh
+
+from llama_jax.config import ModelConfig
+from llama_jax.errors import ConfigError
+from llama_jax.interop import hf, layout, meta, orbax
+
+FORMS = "hf:/path (Hugging Face), meta:/path (Meta consolidated) or orbax:/path (convert.py --to_format=orbax)"
+# The fields that fix the params' shapes and meaning; the run keeps its own dtypes, scan, remat,
+# attention implementation and max_seq_len.
+SHAPE_FIELDS = ("vocab_size", "dim", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
+                "tie_embeddings", "rope_theta", "rope_scaling", "norm_eps")
+
+
+def parse(spec: str) -> tuple[str, str]:
+  kind, sep, path = spec.partition(":")
+  if not sep or kind not in ("hf", "meta", "orbax") or not path:
+    raise ConfigError(f"--init_from={spec!r}: expected {FORMS}.")
+  return kind, path
+
+
+def differences(loaded: ModelConfig, expect: ModelConfig) -> list[str]:
+  return [f"{f} {getattr(loaded, f)!r} (checkpoint) vs {getattr(expect, f)!r} (run)"
+          for f in SHAPE_FIELDS if getattr(loaded, f) != getattr(expect, f)]
+
+
+def load_pretrained(spec: str, mesh: Mesh, *, expect: ModelConfig | None = None) -> tuple[ModelConfig, Any]:
+  """(config, params on `mesh`) from `spec`.
+
+  With `expect` (the run's config), the checkpoint must be that model (SHAPE_FIELDS); the params then
+  come in `expect`'s param_dtype and the returned config is `expect`.
+  """
+  kind, path = parse(spec)
+  try:
+    config = {"hf": hf.read_config, "meta": meta.read_config, "orbax": orbax.read_config}[kind](path)
+    if expect is not None:
+      diff = differences(config, expect)
+      if diff:
+        raise ConfigError(f"holds another model than the run's: {'; '.join(diff)}; choose the run's "
+                          "model flags to match the checkpoint, or another checkpoint.")
+      config = expect
+    if kind == "orbax":
+      return config, orbax.restore_params(path, config, mesh)
+    reader = hf.SafetensorsReader(path) if kind == "hf" else meta.MetaReader(path, config)
+    return config, layout.assemble(reader, config, mesh)
+  except ConfigError as e:
+    raise ConfigError(f"--init_from={spec}: {e}") from None
