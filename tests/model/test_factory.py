@@ -24,7 +24,7 @@ def test_every_user_builds_the_model_through_make_model(monkeypatch):
   assert isinstance(make(cfg), Transformer)
   P.abstract_params(cfg)
   assert built == [cfg]
-  mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  mesh = sharding.make_mesh(data=1, fsdp=1, tensor=1, devices=jax.devices()[:1])
   train.make_eval_step(cfg, mesh)
   n = len(built)
   assert n >= 2 and all(c == cfg for c in built)
