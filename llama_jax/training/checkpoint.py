@@ -28,6 +28,7 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from llama_jax.data import stream
 from llama_jax.model import params as params_lib
 from llama_jax.errors import ConfigError
 from llama_jax.config import ModelConfig, RopeScaling
@@ -82,7 +83,7 @@ class Checkpointer:
     """
     items = {"state": ocp.args.StandardSave(_keys_to_data(state))}
     if data_iterator is not None:
-      items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+      items["data"] = ocp.args.JsonSave(data_iterator.get_state())  # global: process 0 writes it
     return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
   def latest_step(self) -> int | None:
@@ -103,10 +104,10 @@ class Checkpointer:
       raise FileNotFoundError(f"no checkpoint in {self.manager.directory}")
     items = {"state": ocp.args.StandardRestore(_abstract_keys_to_data(abstract_state))}
     if data_iterator is not None:
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+      items["data"] = ocp.args.JsonRestore()
     out = self.manager.restore(step, args=ocp.args.Composite(**items))
     state = _data_to_keys(out["state"], abstract_state)
-    return state, (out["data"] if data_iterator is not None else None)
+    return state, (stream.restore_state(data_iterator, out["data"]) if data_iterator is not None else None)
 
   def wait_until_finished(self) -> None:
     self.manager.wait_until_finished()
