@@ -10,10 +10,10 @@ Here the stream is a deterministic function of (sources, weights, seed) alone:
     epoch;
   - rows are packed concat-then-split from that document order, exactly as `pipeline.PackIterDataset`
     does (same features, same targets across row ends, same segment ids and positions);
-  - each row comes from one source, chosen deterministically: the source whose row count is furthest
-    below its weight's share (so weights are shares of tokens within a stage, as in the paper).
+  - each row comes from one source, chosen deterministically: the source whose token count is furthest
+    below its weight's share (weights are shares of tokens, as the paper states its mix, across stages).
 Its state is global and small: per source (epoch, index in the permutation, offset in that document),
-and rows drawn per source. Every process walks the same state for the whole global batch, but fills
+and row tokens drawn per source. Every process walks the same state for the whole global batch, but fills
 (tokenizes, copies) only the rows it holds (`rows=`), so the only per-host cost that grows with the global
 batch is the bookkeeping of a few integers per row. Consequences:
   - processes that hold the same rows feed the same rows, whatever the mesh (defect: replicated shards);
@@ -60,10 +60,10 @@ class TrainStream:
   def initial_state(self) -> dict:
     k = len(self._docs)
     return {"version": STATE_VERSION, "sources": [{"epoch": 0, "index": 0, "offset": 0} for _ in range(k)],
-            "rows": [0] * k}
+            "tokens": [0] * k}
 
   def get_state(self) -> dict:
-    return {"version": STATE_VERSION, "sources": [dict(s) for s in self._pos], "rows": list(self._rows)}
+    return {"version": STATE_VERSION, "sources": [dict(s) for s in self._pos], "tokens": list(self._tokens)}
 
   def set_state(self, state: dict) -> None:
     if state.get("version") != STATE_VERSION or len(state["sources"]) != len(self._docs):
@@ -72,7 +72,7 @@ class TrainStream:
                         "resume with the same --train_files.")
     self._pos = [{"epoch": int(s["epoch"]), "index": int(s["index"]), "offset": int(s["offset"])}
                  for s in state["sources"]]
-    self._rows = [int(r) for r in state["rows"]]
+    self._tokens = [int(t) for t in state["tokens"]]
 
   # ----------------------------------------------------------------------------- document order
   def _doc_id(self, i: int) -> int:
@@ -112,12 +112,12 @@ class TrainStream:
         self._advance_doc(i)
     return spans
 
-  def _pick_source(self) -> int:
-    # The source furthest below its share after this row: a deterministic, stateless-but-for-counts mix.
-    total = sum(self._rows) + 1
+  def _pick_source(self, seq_len: int) -> int:
+    # The source furthest below its share after this row: deterministic, no state but the counts.
+    total = sum(self._tokens) + seq_len
     kept = [i for i, w in enumerate(self._weights) if w > 0]
     wsum = sum(self._weights)
-    return min(kept, key=lambda i: (self._rows[i] + 1) / total - self._weights[i] / wsum)
+    return min(kept, key=lambda i: (self._tokens[i] + seq_len) / total - self._weights[i] / wsum)
 
   # ----------------------------------------------------------------------------- batches
   def next_batch(self, batch_size: int, seq_len: int, rows: Sequence[int] | None = None
@@ -134,8 +134,8 @@ class TrainStream:
     out["source_id"] = np.full(batch_size, -1, np.int32)
     self.last_spans = []
     for r in range(batch_size):
-      i = self._pick_source()
-      self._rows[i] += 1
+      i = self._pick_source(seq_len)
+      self._tokens[i] += seq_len
       spans = self._row_spans(i, seq_len)
       self.last_spans.append(spans)
       if wanted[r]:

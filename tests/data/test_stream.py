@@ -64,11 +64,15 @@ def test_state_is_json_and_resumes_exactly():
       np.testing.assert_array_equal(g[k], w[k])
 
 
-def test_seed_changes_the_order_and_weights_are_row_shares():
+def test_seed_changes_the_order_and_weights_are_token_shares():
   docs = [doc_set(200, 5), doc_set(200, 6)]
   s = make(docs, weights=[0.8, 0.2], seed=1)
   ids = np.concatenate([s.next_batch(10, 8)["source_id"] for _ in range(50)])
   assert abs((ids == 1).sum() - 100) <= 1  # 500 rows at 20%: a deterministic mix, off by at most 1 row
+  # A second stage of rows 4x longer: the shares hold in tokens over both stages.
+  ids2 = np.concatenate([s.next_batch(10, 32)["source_id"] for _ in range(50)])
+  tokens1 = 8 * (ids == 1).sum() + 32 * (ids2 == 1).sum()
+  assert abs(tokens1 - 0.2 * (500 * 8 + 500 * 32)) <= 32
   other = make(docs, weights=[0.8, 0.2], seed=2)
   assert not np.array_equal(make(docs, [0.8, 0.2], seed=1).next_batch(4, 8)["inputs"],
                             other.next_batch(4, 8)["inputs"])

@@ -195,7 +195,7 @@ def test_two_processes_train_checkpoint_and_resume(text_data, tmp_path):
   # One global data state (Orbax's JSON item), whatever the process count; no per-process files.
   assert not [f for f in os.listdir(data_dir) if f.startswith("process_")]
   with open(os.path.join(data_dir, "metadata")) as f:
-    assert json.load(f)["rows"] == [12 * 8]  # 12 steps of 8 global rows from the one source
+    assert json.load(f)["tokens"] == [12 * 8 * 64]  # 12 steps of 8 global rows of 64, one source
   out = launch(18, port + 1 if port < 65535 else port - 1)
   assert "resumed from" in out and "at step 12" in out
   assert sorted(_losses(run_dir)) == list(range(1, 19))
