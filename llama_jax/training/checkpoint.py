@@ -2,7 +2,8 @@
 
 Layout of a run directory (one Orbax `CheckpointManager`):
   <dir>/<step>/state/   the train state pytree (params, opt_state, step, rng as raw key data), OCDBT/zarr
-  <dir>/<step>/data/    grain iterator state, one `process_<i>-of-<n>.json` per host
+  <dir>/<step>/data/    the data stream's position: one JSON for the whole run (process 0 writes it), the
+                        same whatever the number of processes, so a run resumes on another process count
   <dir>/<step>/_CHECKPOINT_METADATA, commit_success.txt
 Orbax writes a step into `<step>.orbax-checkpoint-tmp` and renames it when every host has finished, so a
 write cut short by a kill leaves a tmp directory that is never listed as a step (and is removed at the
@@ -20,10 +21,11 @@ import signal
 import threading
 from typing import Any
 
-import grain
 import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
+
+from llama_jax.data import stream
 
 
 def _is_key(x: Any) -> bool:
@@ -70,12 +72,12 @@ class Checkpointer:
   def save(self, step: int, state: Any, data_iterator: Any | None = None, *, force: bool = False) -> bool:
     """Start saving `state` (and the iterator's position) as `step`, if due or `force`d.
 
-    Returns once the arrays are copied to host, so the next (donating) train step may run; the grain
+    Returns once the arrays are copied to host, so the next (donating) train step may run; the data
     iterator's state is taken before returning too. Returns whether a save was started.
     """
     items = {"state": ocp.args.StandardSave(_keys_to_data(state))}
     if data_iterator is not None:
-      items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+      items["data"] = ocp.args.JsonSave(data_iterator.get_state())  # global: process 0 writes it
     return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
   def latest_step(self) -> int | None:
@@ -88,7 +90,7 @@ class Checkpointer:
               step: int | None = None) -> tuple[Any, Any]:
     """(state, data_iterator) of `step` (default: the latest), laid out as `abstract_state` says.
 
-    `data_iterator`, if given, is a fresh grain iterator over the same dataset; its position is set to
+    `data_iterator`, if given, is a fresh iterator over the same stream (its state is global: the same on every process); its position is set to
     the saved one and it is returned.
     """
     step = self.latest_step() if step is None else step
@@ -96,10 +98,10 @@ class Checkpointer:
       raise FileNotFoundError(f"no checkpoint in {self.manager.directory}")
     items = {"state": ocp.args.StandardRestore(_abstract_keys_to_data(abstract_state))}
     if data_iterator is not None:
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+      items["data"] = ocp.args.JsonRestore()
     out = self.manager.restore(step, args=ocp.args.Composite(**items))
     state = _data_to_keys(out["state"], abstract_state)
-    return state, (out["data"] if data_iterator is not None else None)
+    return state, (stream.restore_state(data_iterator, out["data"]) if data_iterator is not None else None)
 
   def wait_until_finished(self) -> None:
     self.manager.wait_until_finished()

@@ -23,9 +23,9 @@ import numpy as np
 from etils import epath
 
 from llama_jax.training import checkpoint, step as train
-from llama_jax.data import corpus, pipeline as data
+from llama_jax.data import corpus, pipeline as data, stream as stream_lib
 from llama_jax.inference import sample
-from llama_jax.parallel import sharding
+from llama_jax.parallel import batching, sharding
 from llama_jax.data import tokenizers as tokenizer_lib
 from llama_jax.errors import ConfigError
 from llama_jax.config import ModelConfig
@@ -97,11 +97,11 @@ def _sources(run: RunConfig) -> tuple[list[data.Source], list[data.Source], Any]
 
 
 def _global_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
-  """This process's rows → one global array per model input, split over (data, fsdp).
+  """A global [B, T] host batch → one global array per model input, split over (data, fsdp); each
+  process reads only the rows its devices hold (`batching.local_rows`).
 
   `source_id` (which source filled a row) stays on the host: the step does not read it."""
-  sh = sharding.batch_sharding(mesh, ndim=1)
-  return {k: jax.make_array_from_process_local_data(sh, batch[k]) for k in data.FEATURES}
+  return batching.global_batch({k: batch[k] for k in data.FEATURES}, mesh)
 
 
 def unigram_entropy(token_counts: np.ndarray) -> float:
@@ -169,10 +169,7 @@ def _duration(s: float) -> str:
 def _evaluate(eval_step, params, eval_ds, mesh, max_batches: int) -> tuple[float, np.ndarray]:
   """Held-out loss over the first `max_batches` batches, and the counts of the tokens it scored."""
   batches = list(itertools.islice(eval_ds, max_batches))  # global batches, the same on every process
-  rows = len(batches[0]["inputs"]) // jax.process_count()
-  mine = slice(jax.process_index() * rows, (jax.process_index() + 1) * rows)
-  loss = train.evaluate(eval_step, params, [_global_batch({k: v[mine] for k, v in b.items()}, mesh)
-                                            for b in batches])
+  loss = train.evaluate(eval_step, params, [_global_batch(b, mesh) for b in batches])
   return loss, np.bincount(np.concatenate([b["targets"][b["loss_mask"] > 0] for b in batches]))
 
 
@@ -220,12 +217,15 @@ def pretrain(run: RunConfig) -> dict:
   run_dir = epath.Path(run.run_dir if "://" in run.run_dir else os.path.abspath(run.run_dir))
   cache = os.path.join(run.data_dir, "tokens")  # local: tokenized documents, keyed by file content
 
+  # One global stream for the whole run (llama_jax/data/stream.py): every stage continues it where the
+  # previous one stopped, and each process fills only the rows of the batch shards its devices hold.
+  train_stream = stream_lib.TrainStream(
+      [data.documents(s, tok, cache, "--train_files") for s in train_src], [s.weight for s in train_src],
+      seed=run.seed, pad_id=tok.pad_id, restart_positions=run.restart_positions)
+
   def train_iterator(i: int):
-    # Each stage reads its own shuffle of the data (seed + stage): its rows have another shape.
-    return iter(data.train_dataset(
-        train_src, tok, seq_len=stages[i].seq_len, batch_size=stages[i].batch_size // nproc,
-        seed=run.seed + i, process_index=pid, process_count=nproc,
-        restart_positions=run.restart_positions, cache_dir=cache))
+    return train_stream.batches(stages[i].batch_size, stages[i].seq_len,
+                                batching.local_rows(mesh, stages[i].batch_size))
 
   # Every process packs the whole (small) held-out set into global batches and feeds its own rows, so
   # the held-out loss is the same whatever the number of processes (and a 1-document source works).
@@ -266,7 +266,8 @@ def pretrain(run: RunConfig) -> dict:
     batch = next(data_it)
     state, metrics = train_step(state, _global_batch(batch, mesh))
     step += 1
-    if (out := reader.read(step, metrics, train.batch_tokens(batch) * nproc)) is not None:
+    # `batch` is the global [B, T] batch: tokens/s counts each row once, whatever the process count.
+    if (out := reader.read(step, metrics, train.batch_tokens(batch))) is not None:
       log.write(*out, run.log_every)
     stop = preemption.reached(step)
     if stop or ckpt.should_save(step):

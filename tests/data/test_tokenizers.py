@@ -124,3 +124,19 @@ def test_sentencepiece_cli(tmp_path):
       tk.train_sentencepiece([src], str(tmp_path / "small"), too_small)
   with pytest.raises(ConfigError, match="--input"):
     tk.train_sentencepiece([str(tmp_path / "missing.txt")], str(tmp_path / "x"), 300)
+
+
+def test_sentencepiece_training_is_byte_deterministic(tmp_path):
+  """Two trainings on the same text in different directories, each sampling 300 of the input's lines
+  (input_sentence_size), give the same .model bytes: the sample is seeded and no path is recorded."""
+  src = tmp_path / "in.txt"
+  stdlib = sysconfig.get_paths()["stdlib"]
+  with open(src, "w", encoding="utf-8") as f:
+    for name in ("textwrap.py", "string.py", "bisect.py"):
+      f.write(open(os.path.join(stdlib, name), encoding="utf-8").read())
+  assert sum(1 for _ in open(src)) > 600
+  blobs = []
+  for d in ("one", "two/deeper"):
+    tk.train_sentencepiece([str(src)], str(tmp_path / d / "spm"), 400, input_sentence_size=300)
+    blobs.append((tmp_path / d / "spm.model").read_bytes())
+  assert blobs[0] == blobs[1]

@@ -166,7 +166,7 @@ def test_batch_and_sequence_stages(text_data, tmp_path, capsys):
 
 def test_two_processes_train_checkpoint_and_resume(text_data, tmp_path):
   """The entry point on 2 processes x 4 CPU devices (jax.distributed on localhost): both train, the
-  checkpoint holds each process's data-iterator state, and a second launch resumes from it."""
+  checkpoint holds the global data state, and a second launch resumes from it."""
   import socket
   with socket.socket() as s:
     s.bind(("localhost", 0))
@@ -191,8 +191,11 @@ def test_two_processes_train_checkpoint_and_resume(text_data, tmp_path):
 
   out = launch(12, port)
   assert "mesh {'data': 1, 'fsdp': 8, 'tensor': 1}" in out and "step     12 | held-out loss" in out
-  saved = os.listdir(os.path.join(run_dir, "checkpoints", "12", "data"))
-  assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(saved)
+  data_dir = os.path.join(run_dir, "checkpoints", "12", "data")
+  # One global data state (Orbax's JSON item), whatever the process count; no per-process files.
+  assert not [f for f in os.listdir(data_dir) if f.startswith("process_")]
+  with open(os.path.join(data_dir, "metadata")) as f:
+    assert json.load(f)["tokens"] == [12 * 8 * 64]  # 12 steps of 8 global rows of 64, one source
   out = launch(18, port + 1 if port < 65535 else port - 1)
   assert "resumed from" in out and "at step 12" in out
   assert sorted(_losses(run_dir)) == list(range(1, 19))
