@@ -90,8 +90,8 @@ class Checkpointer:
               step: int | None = None) -> tuple[Any, Any]:
     """(state, data_iterator) of `step` (default: the latest), laid out as `abstract_state` says.
 
-    `data_iterator`, if given, is a fresh iterator over the same stream (its state is global: the same on every process); its position is set to
-    the saved one and it is returned.
+    `data_iterator`, if given, is a fresh iterator over the same stream (its state is global, the same on
+    every process); its position is set to the saved one and it is returned.
     """
     step = self.latest_step() if step is None else step
     if step is None:
