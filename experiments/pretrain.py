@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments.configs.pretrain import CONFIGS  # noqa: E402
 from llama_jax.parallel import distributed  # noqa: E402
-from llama_jax.training import optim, pretrain as runner
+from llama_jax.training import pretrain as runner, stages  # noqa: E402
 from llama_jax.errors import ConfigError  # noqa: E402
 
 _CONFIG = flags.DEFINE_enum("config", "default", sorted(CONFIGS), "Named run config.")
@@ -56,7 +56,7 @@ def run_config() -> runner.RunConfig:
     except ValueError as e:
       raise ConfigError(f"--train_weights={','.join(FLAGS.train_weights)}: give numbers.") from e
   if FLAGS.stages is not None:
-    over["stages"] = optim.parse_stages(FLAGS.stages)
+    over["stages"] = stages.parse_stages(FLAGS.stages)
   opt = {k: v for k, v in (("peak_lr", _LR.value), ("warmup_steps", _WARMUP.value),
                            ("grad_accum_steps", _ACCUM.value)) if v is not None}
   if "steps" in over:  # the cosine decays over the run's length

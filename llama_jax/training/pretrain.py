@@ -1,35 +1,31 @@
-"""The pretraining run: data → sharded train step → Orbax, with progress, evaluation and resume.
+"""The pretraining recipe: data sources, mesh, stages, the train state (new or resumed), then the loop.
 
-`pretrain(RunConfig)` is the host loop the entry points call. It dispatches step t before it reads step
-t−1's metrics (no host sync in the hot path), evaluates on held-out data every `eval_every` steps,
-checkpoints every `checkpoint_every` steps and on SIGTERM, and resumes from the latest checkpoint in
-`run_dir` — params, optimizer, step, RNG and the data iterator — so a resumed run sees exactly the batches
-it would have seen.
+`pretrain(RunConfig)` is what the entry points call. It resumes from the latest checkpoint in `run_dir`
+— params, optimizer, step, RNG and the data iterator — so a resumed run sees exactly the batches it would
+have seen; the host loop itself is training/loop.py, what it reports training/reporting.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
-import json
-import logging
-import math
 import os
-import time
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import numpy as np
 from etils import epath
 
-from llama_jax.training import checkpoint, step as train
+from llama_jax.config import ModelConfig
 from llama_jax.data import corpus, pipeline as data
-from llama_jax.inference import sample
-from llama_jax.parallel import sharding
 from llama_jax.data import tokenizers as tokenizer_lib
 from llama_jax.errors import ConfigError
-from llama_jax.config import ModelConfig
-from llama_jax.training.optim import OptimizerConfig, Stage, stage_start_steps
+from llama_jax.evals import heldout
+from llama_jax.inference import sample
+from llama_jax.parallel import sharding
+from llama_jax.training import checkpoint, loop, metrics as metrics_lib, preemption as preemption_lib
+from llama_jax.training import reporting, step as train
+from llama_jax.training.optim import OptimizerConfig
+from llama_jax.training.stages import Stage, stage_start_steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,100 +100,6 @@ def _global_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
   return {k: jax.make_array_from_process_local_data(sh, batch[k]) for k in data.FEATURES}
 
 
-def unigram_entropy(token_counts: np.ndarray) -> float:
-  """Entropy (nats) of the empirical unigram distribution: the loss of the best context-free model."""
-  p = token_counts[token_counts > 0] / token_counts.sum()
-  return float(-(p * np.log(p)).sum())
-
-
-class _Log:
-  """metrics.jsonl (every step), TensorBoard events and the progress line; process 0 writes."""
-
-  def __init__(self, run_dir: epath.Path, total_steps: int, first_step: int):
-    self.enabled = jax.process_index() == 0
-    self.total, self.first = total_steps, first_step
-    self.start = time.perf_counter()
-    self.history: list[dict] = []
-    self._tb = None
-    if self.enabled:
-      run_dir.mkdir(parents=True, exist_ok=True)
-      path = run_dir / "metrics.jsonl"
-      if path.exists():  # keep what a previous run logged up to the step we resume from
-        with path.open() as f:
-          self.history = [r for r in map(json.loads, f) if r["step"] <= first_step]
-      self._file = path.open("w")
-      for r in self.history:
-        self._file.write(json.dumps(r) + "\n")
-      try:
-        from tensorboardX import SummaryWriter  # noqa: PLC0415 (optional at import time)
-        self._tb = SummaryWriter(str(run_dir / "tb"))
-      except ImportError:
-        logging.warning("tensorboardX not installed: no TensorBoard events")
-
-  def write(self, step: int, metrics: dict, log_every: int):
-    if not self.enabled:
-      return
-    record = {"step": step, **metrics}
-    self.history.append(record)
-    self._file.write(json.dumps(record) + "\n")
-    self._file.flush()
-    if self._tb is not None:
-      for k, v in metrics.items():
-        self._tb.add_scalar(k, v, step)
-    if "eval_loss" in metrics:
-      print(f"step {step:6d} | held-out loss {metrics['eval_loss']:.4f}", flush=True)
-    elif step % log_every == 0 or step == self.total:
-      elapsed = time.perf_counter() - self.start
-      eta = elapsed / max(step - self.first, 1) * (self.total - step)
-      tps = metrics.get("tokens_per_s", float("nan"))
-      mfu = metrics.get("mfu", float("nan"))
-      print(f"step {step:6d}/{self.total} | loss {metrics['loss']:.4f} | lr {metrics['lr']:.2e} | "
-            f"{tps:9.0f} tok/s | MFU {100 * mfu:5.2f}% | ETA {_duration(eta)}", flush=True)
-
-  def close(self):
-    if self.enabled:
-      self._file.close()
-      if self._tb is not None:
-        self._tb.close()
-
-
-def _duration(s: float) -> str:
-  s = int(s)
-  return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
-def _evaluate(eval_step, params, eval_ds, mesh, max_batches: int) -> tuple[float, np.ndarray]:
-  """Held-out loss over the first `max_batches` batches, and the counts of the tokens it scored."""
-  batches = list(itertools.islice(eval_ds, max_batches))  # global batches, the same on every process
-  rows = len(batches[0]["inputs"]) // jax.process_count()
-  mine = slice(jax.process_index() * rows, (jax.process_index() + 1) * rows)
-  loss = train.evaluate(eval_step, params, [_global_batch({k: v[mine] for k, v in b.items()}, mesh)
-                                            for b in batches])
-  return loss, np.bincount(np.concatenate([b["targets"][b["loss_mask"] > 0] for b in batches]))
-
-
-def plot_losses(history: Sequence[dict], path: epath.Path) -> None:
-  import matplotlib  # noqa: PLC0415 (only the end of a run needs it)
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # noqa: PLC0415
-
-  train_pts = [(r["step"], r["loss"]) for r in history if "loss" in r]
-  eval_pts = [(r["step"], r["eval_loss"]) for r in history if "eval_loss" in r]
-  fig, ax = plt.subplots(figsize=(7, 4))
-  if train_pts:
-    ax.plot(*zip(*train_pts), label="train loss", lw=1)
-  if eval_pts:
-    ax.plot(*zip(*eval_pts), "o-", label="held-out loss")
-  ax.set_xlabel("step")
-  ax.set_ylabel("cross-entropy (nats/token)")
-  ax.grid(alpha=0.3)
-  ax.legend()
-  fig.tight_layout()
-  with path.open("wb") as f:
-    fig.savefig(f, format="png", dpi=100)
-  plt.close(fig)
-
-
 def pretrain(run: RunConfig) -> dict:
   """Runs (or resumes) pretraining; returns the final metrics."""
   train_src, eval_src, tok = _sources(run)
@@ -245,52 +147,33 @@ def pretrain(run: RunConfig) -> dict:
     state = train.create_train_state(model_cfg, run.optim, mesh, jax.random.key(run.seed))
   first = int(jax.device_get(state.step))  # the one sync before the loop
   train_step = train.make_train_step(model_cfg, run.optim, mesh)
-  eval_step = train.make_eval_step(model_cfg, mesh) if eval_ds is not None else None
-  reader = train.MetricsReader.for_model(model_cfg, stages[stage].seq_len, mesh)
-  preemption = checkpoint.install_preemption_handler()
-  log = _Log(run_dir, run.steps, first)
+  to_global = lambda batch: _global_batch(batch, mesh)
+  evaluate = None
+  if eval_ds is not None:
+    eval_step = train.make_eval_step(model_cfg, mesh)
+    evaluate = lambda params: heldout.heldout_loss(eval_step, params, eval_ds, to_global, run.eval_batches)
+  log = reporting.Log(run_dir, run.steps, first)
   n_params = sum(int(x.size) for x in jax.tree.leaves(state.params))
   print(f"model: {n_params:,} params, vocab {model_cfg.vocab_size} | mesh {dict(mesh.shape)} | "
         f"batch {stages[stage].batch_size}x{stages[stage].seq_len} | steps {first}→{run.steps}", flush=True)
 
-  step, eval_loss, counts = first, None, None
-  while step < run.steps:
-    if stage_of(step) != stage:  # a new batch/sequence stage: new rows, one more compiled shape
-      if (out := reader.flush()) is not None:
-        log.write(*out, run.log_every)
-      stage = stage_of(step)
-      data_it = train_iterator(stage)
-      reader = train.MetricsReader.for_model(model_cfg, stages[stage].seq_len, mesh)
-      print(f"stage {stage}: batch {stages[stage].batch_size} x seq {stages[stage].seq_len} from step "
-            f"{step + 1}", flush=True)
-    batch = next(data_it)
-    state, metrics = train_step(state, _global_batch(batch, mesh))
-    step += 1
-    if (out := reader.read(step, metrics, train.batch_tokens(batch) * nproc)) is not None:
-      log.write(*out, run.log_every)
-    stop = preemption.reached(step)
-    if stop or ckpt.should_save(step):
-      ckpt.save(step, state, data_it, force=stop)
-    if stop:
-      print(f"preempted: saved step {step} to {run.run_dir}; rerun the same command to resume", flush=True)
-      break
-    if eval_step is not None and (step % run.eval_every == 0 or step == run.steps):
-      if (out := reader.flush()) is not None:
-        log.write(*out, run.log_every)
-      eval_loss, counts = _evaluate(eval_step, state.params, eval_ds, mesh, run.eval_batches)
-      log.write(step, {"eval_loss": eval_loss}, run.log_every)
-  if (out := reader.flush()) is not None:
-    log.write(*out, run.log_every)
+  out = loop.run(
+      state=state, first_step=first, steps=run.steps, train_step=train_step, data_it=data_it, stage=stage,
+      stages=stages, stage_of=stage_of, train_iterator=train_iterator, to_global=to_global,
+      new_reader=lambda i: metrics_lib.MetricsReader.for_model(model_cfg, stages[i].seq_len, mesh),
+      ckpt=ckpt, preemption=preemption_lib.install_preemption_handler(), log=log, log_every=run.log_every,
+      eval_every=run.eval_every, evaluate=evaluate, nproc=nproc, run_dir=run.run_dir)
+  state, step, eval_loss, counts = out.state, out.step, out.eval_loss, out.token_counts
   ckpt.wait_until_finished()
   ckpt.close()
 
   result = {"step": step, "eval_loss": eval_loss}
   if step == run.steps and pid == 0:
     if counts is not None:
-      result["unigram_entropy"] = unigram_entropy(counts)
+      result["unigram_entropy"] = reporting.unigram_entropy(counts)
       print(f"held-out loss {eval_loss:.4f} nats/token vs unigram entropy of the same tokens "
             f"{result['unigram_entropy']:.4f} nats/token", flush=True)
-    plot_losses(log.history, run_dir / "loss.png")
+    reporting.plot_losses(log.history, run_dir / "loss.png")
     print(f"loss curves: {run_dir / 'loss.png'}", flush=True)
     if run.sample_prompts and nproc == 1:
       prompts = [tok.encode(p, bos=True) for p in run.sample_prompts]

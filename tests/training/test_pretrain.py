@@ -155,7 +155,7 @@ def test_cli_error_is_one_clear_line(text_data, tmp_path):
 
 def test_batch_and_sequence_stages(text_data, tmp_path, capsys):
   """The paper's schedule at toy scale: 8 rows of 32 tokens, then 8 rows of 64 from 768 tokens on."""
-  from llama_jax.training.optim import Stage
+  from llama_jax.training.stages import Stage
   run = _run_config(text_data, tmp_path, steps=6, seq_len=64, sample_prompts=(), eval_batches=1,
                     stages=(Stage(0, 8, 32), Stage(768, 8, 64)))
   runner.pretrain(run)

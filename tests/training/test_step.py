@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from llama_jax import config as C
+from llama_jax.evals import heldout
 from llama_jax.training import losses, optim, step as train
 from llama_jax.parallel import sharding
 from llama_jax.errors import ConfigError
@@ -157,7 +158,7 @@ def test_zero_gradient_step_decays_matrices_not_norms(host_state, mesh8):
 
 def test_eval_step_matches_train_loss(host_state, mesh8, step8):
   state, batch = _put(host_state, mesh8), make_batch(4)
-  loss_eval = train.evaluate(train.make_eval_step(CFG, mesh8), state.params, [batch])
+  loss_eval = heldout.evaluate(train.make_eval_step(CFG, mesh8), state.params, [batch])
   _, metrics = step8(state, batch)  # the train loss is at the params before the update
   assert loss_eval == pytest.approx(float(metrics["loss"]), rel=1e-6)
 
@@ -169,18 +170,6 @@ def test_batch_and_seq_len_errors_name_the_flag(mesh8):
     train.check_batch_shape(6, 16, CFG, OPT, mesh8)
   with pytest.raises(ConfigError, match="--grad_accum_steps"):
     train.check_batch_shape(8, 16, CFG, dataclasses.replace(OPT, grad_accum_steps=3), mesh8)
-
-
-def test_metrics_reader_reads_the_previous_step():
-  reader = train.MetricsReader(flops_per_token=1e6, n_devices=2, peak_flops_per_device=1e9)
-  assert reader.read(1, {"loss": jnp.float32(3.0)}, batch_tokens=100) is None
-  step, m = reader.read(2, {"loss": jnp.float32(2.0)}, batch_tokens=100)
-  assert step == 1 and m == {"loss": 3.0}  # no timing for the first (compiling) step
-  step, m = reader.flush()
-  assert step == 2 and m["loss"] == 2.0
-  assert m["tokens_per_s"] == pytest.approx(100 / m["step_time_s"])
-  assert m["mfu"] == pytest.approx(m["tokens_per_s"] * 1e6 / 2e9)
-  assert reader.flush() is None
 
 
 def test_cross_entropy_matches_float64_numpy():
