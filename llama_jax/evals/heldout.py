@@ -16,9 +16,8 @@ Batch = dict[str, Any]
 
 def evaluate(eval_step, params, batches: Iterable[Batch]) -> float:
   """Mean loss per counted token over `batches` (dispatches all batches, then syncs once)."""
-  sums = [eval_step(params, b) for b in batches]
-  total = jax.device_get(sums)
-  return float(sum(s for s, _ in total) / max(sum(n for _, n in total), 1.0))
+  sums = jax.device_get([eval_step(params, b) for b in batches])  # (loss_sum, aux) per batch
+  return float(sum(s for s, _ in sums) / max(sum(aux["tokens"] for _, aux in sums), 1.0))
 
 
 def heldout_loss(eval_step, params, eval_ds: Iterable[dict[str, np.ndarray]],

@@ -150,7 +150,7 @@ def pretrain(run: RunConfig) -> dict:
   to_global = lambda batch: _global_batch(batch, mesh)
   evaluate = None
   if eval_ds is not None:
-    eval_step = train.make_eval_step(model_cfg, mesh)
+    eval_step = train.make_eval_step(model_cfg, mesh, grad_accum_steps=run.optim.grad_accum_steps)
     evaluate = lambda params: heldout.heldout_loss(eval_step, params, eval_ds, to_global, run.eval_batches)
   log = reporting.Log(run_dir, run.steps, first)
   n_params = sum(int(x.size) for x in jax.tree.leaves(state.params))
