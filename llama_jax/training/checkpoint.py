@@ -55,12 +55,13 @@ def _data_to_keys(restored: Any, abstract: Any) -> Any:
 
 
 class Checkpointer:
-  """Keeps the last `max_to_keep` checkpoints, one every `save_interval_steps` steps."""
+  """Keeps the last `max_to_keep` checkpoints, one every `save_interval_steps` steps, and also every
+  checkpoint whose step is a multiple of `keep_period` (if given)."""
 
   def __init__(self, directory: str, *, save_interval_steps: int = 1000, max_to_keep: int | None = 3,
-               async_save: bool = True):
+               keep_period: int | None = None, async_save: bool = True):
     options = ocp.CheckpointManagerOptions(
-        save_interval_steps=save_interval_steps, max_to_keep=max_to_keep,
+        save_interval_steps=save_interval_steps, max_to_keep=max_to_keep, keep_period=keep_period,
         enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True)  # remove the leftovers of a write cut short by a kill
     self.manager = ocp.CheckpointManager(directory, options=options)

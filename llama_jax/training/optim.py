@@ -20,6 +20,11 @@ import optax
 from llama_jax.errors import ConfigError
 
 
+# The pretraining entry point's flag for each field that has one (--steps sets total_steps).
+_FLAGS = {"peak_lr": "--lr", "final_lr": "--final_lr", "warmup_steps": "--warmup_steps",
+          "total_steps": "--steps", "grad_accum_steps": "--grad_accum_steps"}
+
+
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
   """The optimizer and LR schedule. `total_steps` is where the cosine reaches `final_lr`, warmup included
@@ -42,7 +47,7 @@ class OptimizerConfig:
   def __post_init__(self):
     def need(ok: bool, field: str, msg: str):
       if not ok:
-        raise ConfigError(f"OptimizerConfig.{field} (--{field}): {msg}")
+        raise ConfigError(f"OptimizerConfig.{field} ({_FLAGS.get(field, 'set in the --config')}): {msg}")
 
     need(self.peak_lr > 0, "peak_lr", f"must be > 0, got {self.peak_lr}.")
     need(0 <= self.final_lr <= self.peak_lr, "final_lr",

@@ -8,6 +8,7 @@ have seen; the host loop itself is training/loop.py, what it reports training/re
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any
 
@@ -47,8 +48,11 @@ class RunConfig:
   log_every: int = 25
   eval_every: int = 250
   eval_batches: int = 8
-  checkpoint_every: int = 250
+  checkpoint_every: int = 250  # the last step (and a preemption's) is saved too
   keep_checkpoints: int = 2
+  keep_period: int | None = None  # also keep every checkpoint whose step is a multiple of this
+  max_bad_steps: int = 10  # non-finite steps in a row (each skipped) before the run stops
+  allow_config_change: bool = False  # resume even if the trajectory-changing settings differ
   # Data: the embedded corpus under data_dir, unless train_files are given (then tokenizer too).
   data_dir: str = "data_cache"
   corpus_vocab_size: int = 4096
@@ -61,9 +65,12 @@ class RunConfig:
   sample_tokens: int = 64
 
   def __post_init__(self):
-    for f in ("steps", "batch_size", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+    for f in ("steps", "batch_size", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
+              "max_bad_steps"):
       if getattr(self, f) < 1:
         raise ConfigError(f"--{f}={getattr(self, f)}: must be >= 1.")
+    if self.keep_period is not None and self.keep_period < 1:
+      raise ConfigError(f"--keep_period={self.keep_period}: must be >= 1 (or unset).")
     if self.seq_len < 2:
       raise ConfigError(f"--seq_len={self.seq_len}: must be >= 2 (inputs and next-token targets).")
     if self.train_files and not self.tokenizer:
@@ -71,6 +78,63 @@ class RunConfig:
     if self.train_weights and len(self.train_weights) != len(self.train_files):
       raise ConfigError(f"--train_weights has {len(self.train_weights)} values for "
                         f"{len(self.train_files)} --train_files; give one weight per file.")
+
+
+# Settings that may change between a run and its resume: they do not change what is trained (`steps`
+# is the run's length; the schedule's length is optim.total_steps, compared). Everything else does.
+_HARMLESS = {"run_dir", "steps", "mesh_data", "mesh_fsdp", "mesh_tensor", "log_every", "eval_every",
+             "eval_batches", "eval_files", "checkpoint_every", "keep_checkpoints", "keep_period",
+             "max_bad_steps", "allow_config_change", "data_dir", "sample_prompts", "sample_tokens",
+             # The same math, other memory/compute trade-offs:
+             "optim.grad_accum_steps", "model.remat_policy"}
+# The flag that sets a field, where it is not --<field>.
+_FLAG = {"optim.peak_lr": "--lr", "optim.final_lr": "--final_lr", "optim.total_steps": "--steps",
+         "optim.warmup_steps": "--warmup_steps", "model.dtype": "--dtype"}
+_TOP_LEVEL_FLAGS = {"batch_size", "seq_len", "seed", "stages", "train_files", "train_weights", "tokenizer",
+                    "restart_positions", "corpus_vocab_size"}
+CONFIG_FILE = "run_config.json"
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict) and k in ("model", "optim"):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[prefix + k] = v
+  return out
+
+
+def _as_json(run: RunConfig) -> dict:
+  return json.loads(json.dumps(dataclasses.asdict(run)))  # tuples -> lists, as read back
+
+
+def config_differences(saved: dict, now: dict) -> list[str]:
+  """`--flag: saved X, now Y` for each trajectory-changing setting that differs."""
+  a, b = _flat(saved), _flat(now)
+  out = []
+  for key in sorted(set(a) | set(b)):
+    if key in _HARMLESS or a.get(key) == b.get(key):
+      continue
+    flag = _FLAG.get(key) or (f"--{key}" if key in _TOP_LEVEL_FLAGS else f"--config ({key})")
+    out.append(f"{flag}: saved {a.get(key)}, now {b.get(key)}")
+  return out
+
+
+def _check_and_save_config(run: RunConfig, run_dir: epath.Path, resuming: bool) -> None:
+  """On resume, compare with the config saved beside the checkpoints; then (process 0) save this one."""
+  path = run_dir / CONFIG_FILE
+  now = _as_json(run)
+  if resuming and path.exists():
+    diffs = config_differences(json.loads(path.read_text()), now)
+    if diffs and not run.allow_config_change:
+      raise ConfigError(f"--run_dir={run.run_dir} holds a run with other settings: {'; '.join(diffs)}. "
+                        "Rerun with the saved values, or pass --allow_config_change to continue anyway.")
+    if diffs:
+      print(f"config changed on resume (--allow_config_change): {'; '.join(diffs)}", flush=True)
+  if jax.process_index() == 0:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(now, indent=2))
 
 
 def _sources(run: RunConfig) -> tuple[list[data.Source], list[data.Source], Any]:
@@ -134,9 +198,19 @@ def pretrain(run: RunConfig) -> dict:
   eval_ds = (data.eval_dataset(eval_src, tok, seq_len=run.seq_len, batch_size=run.batch_size,
                                restart_positions=run.restart_positions, cache_dir=cache)
              if eval_src else None)
-  ckpt = checkpoint.Checkpointer(str(run_dir / "checkpoints"),
-                                 save_interval_steps=run.checkpoint_every, max_to_keep=run.keep_checkpoints)
-  if (latest := ckpt.latest_step()) is not None:
+  ckpt = checkpoint.Checkpointer(str(run_dir / "checkpoints"), save_interval_steps=run.checkpoint_every,
+                                 max_to_keep=run.keep_checkpoints, keep_period=run.keep_period)
+  try:
+    return _train(run, ckpt, model_cfg, mesh, stages, stage_of, train_iterator, eval_ds, tok, run_dir)
+  finally:  # also on an error: the saves in flight (the last good checkpoint) complete
+    ckpt.close()
+
+
+def _train(run, ckpt, model_cfg, mesh, stages, stage_of, train_iterator, eval_ds, tok, run_dir) -> dict:
+  nproc, pid = jax.process_count(), jax.process_index()
+  latest = ckpt.latest_step()
+  _check_and_save_config(run, run_dir, resuming=latest is not None)
+  if latest is not None:
     # The saved iterator is the one of the stage that ran the checkpoint's last step.
     stage = stage_of(max(latest - 1, 0))
     state, data_it = ckpt.restore(train.abstract_state(model_cfg, run.optim, mesh), train_iterator(stage))
@@ -162,10 +236,10 @@ def pretrain(run: RunConfig) -> dict:
       stages=stages, stage_of=stage_of, train_iterator=train_iterator, to_global=to_global,
       new_reader=lambda i: metrics_lib.MetricsReader.for_model(model_cfg, stages[i].seq_len, mesh),
       ckpt=ckpt, preemption=preemption_lib.install_preemption_handler(), log=log, log_every=run.log_every,
-      eval_every=run.eval_every, evaluate=evaluate, nproc=nproc, run_dir=run.run_dir)
+      eval_every=run.eval_every, evaluate=evaluate, nproc=nproc, run_dir=run.run_dir,
+      max_bad_steps=run.max_bad_steps)
   state, step, eval_loss, counts = out.state, out.step, out.eval_loss, out.token_counts
   ckpt.wait_until_finished()
-  ckpt.close()
 
   result = {"step": step, "eval_loss": eval_loss}
   if step == run.steps and pid == 0:
