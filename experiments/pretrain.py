@@ -23,7 +23,7 @@ _CONFIG = flags.DEFINE_enum("config", "default", sorted(CONFIGS), "Named run con
 _INT = ["steps", "batch_size", "seq_len", "seed", "mesh_data", "mesh_fsdp", "mesh_tensor", "log_every",
         "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints", "keep_period", "max_bad_steps",
         "corpus_vocab_size", "sample_tokens"]
-_STR = ["run_dir", "data_dir", "tokenizer"]
+_STR = ["run_dir", "data_dir", "tokenizer", "text_field"]
 _LIST = ["train_files", "eval_files"]
 for name in _INT:
   flags.DEFINE_integer(name, None, f"Override RunConfig.{name}.")

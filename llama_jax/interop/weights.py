@@ -136,7 +136,7 @@ class _SafetensorsReader:
     else:
       files = sorted(os.path.basename(p) for p in glob.glob(os.path.join(path, "*.safetensors")))
     if not files:
-      raise ConfigError(f"--hf_path={path}: no *.safetensors files there; point it at a directory "
+      raise ConfigError(f"--input={path}: no *.safetensors files there; point it at a directory "
                         "holding a Hugging Face checkpoint (config.json + model*.safetensors).")
     self._where: dict[str, tuple[np.memmap, dict]] = {}
     for name in files:
@@ -190,10 +190,10 @@ class _MetaReader:
     try:
       import torch  # Meta's checkpoints are torch pickles: only this path needs torch.
     except ImportError as e:
-      raise ConfigError("--meta_path needs PyTorch to read consolidated.*.pth: pip install torch") from e
+      raise ConfigError("--input needs PyTorch to read consolidated.*.pth: pip install torch") from e
     files = sorted(glob.glob(os.path.join(path, "consolidated.*.pth")))
     if not files:
-      raise ConfigError(f"--meta_path={path}: no consolidated.*.pth files there.")
+      raise ConfigError(f"--input={path}: no consolidated.*.pth files there.")
     self._shards = [torch.load(f, map_location="cpu", mmap=True, weights_only=True) for f in files]
     self._config = config
 
@@ -286,7 +286,7 @@ def load_hf(path: str, mesh: Mesh, **config_overrides) -> tuple[ModelConfig, dic
   """A Hugging Face Llama checkpoint directory → (ModelConfig, params sharded over `mesh`)."""
   cfg_file = os.path.join(path, "config.json")
   if not os.path.exists(cfg_file):
-    raise ConfigError(f"--hf_path={path}: no config.json; expected a Hugging Face checkpoint directory.")
+    raise ConfigError(f"--input={path}: no config.json; expected a Hugging Face checkpoint directory.")
   with open(cfg_file) as f:
     config = config_from_hf(json.load(f), **config_overrides)
   return config, _assemble(_SafetensorsReader(path), config, mesh)

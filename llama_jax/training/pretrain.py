@@ -60,6 +60,7 @@ class RunConfig:
   train_weights: tuple[float, ...] = ()
   eval_files: tuple[str, ...] = ()
   tokenizer: str | None = None
+  text_field: str = "text"  # the field of a JSONL line that holds the document
   restart_positions: bool = True
   sample_prompts: tuple[str, ...] = ("ROMEO.", "def ")
   sample_tokens: int = 64
@@ -75,6 +76,9 @@ class RunConfig:
       raise ConfigError(f"--seq_len={self.seq_len}: must be >= 2 (inputs and next-token targets).")
     if self.train_files and not self.tokenizer:
       raise ConfigError("--train_files needs --tokenizer (a sentencepiece .model or Meta's tokenizer.model).")
+    if self.tokenizer and not self.train_files:
+      raise ConfigError(f"--tokenizer needs --train_files (the embedded corpus under --data_dir brings its "
+                        f"own tokenizer); give --train_files too, or drop --tokenizer={self.tokenizer}.")
     if self.train_weights and len(self.train_weights) != len(self.train_files):
       raise ConfigError(f"--train_weights has {len(self.train_weights)} values for "
                         f"{len(self.train_files)} --train_files; give one weight per file.")
@@ -147,8 +151,8 @@ def _sources(run: RunConfig) -> tuple[list[data.Source], list[data.Source], Any]
         raise ConfigError(f"{flag}: {path} does not exist; check the path.")
     tok = tokenizer_lib.load_tokenizer(run.tokenizer)
     weights = run.train_weights or (1.0,) * len(run.train_files)
-    train_src = [data.Source(p, weight=w) for p, w in zip(run.train_files, weights)]
-    eval_src = [data.Source(p) for p in run.eval_files]
+    train_src = [data.Source(p, weight=w, field=run.text_field) for p, w in zip(run.train_files, weights)]
+    eval_src = [data.Source(p, field=run.text_field) for p in run.eval_files]
     return train_src, eval_src, tok
   c = corpus.prepare(run.data_dir, vocab_size=run.corpus_vocab_size)
   train_src = [data.Source(c.train[name], weight=c.weights[name]) for name in c.train]
