@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 from etils import epath
+from jax.experimental import multihost_utils
 
 from llama_jax.config import ModelConfig
 from llama_jax.data import corpus, pipeline as data
@@ -136,6 +137,8 @@ def _check_and_save_config(run: RunConfig, run_dir: epath.Path, resuming: bool) 
                         "Rerun with the saved values, or pass --allow_config_change to continue anyway.")
     if diffs:
       print(f"config changed on resume (--allow_config_change): {'; '.join(diffs)}", flush=True)
+  if jax.process_count() > 1:  # every process has read the saved config before process 0 replaces it
+    multihost_utils.sync_global_devices("run_config.json read")
   if jax.process_index() == 0:
     run_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(now, indent=2))
