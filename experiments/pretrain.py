@@ -15,15 +15,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments.configs.pretrain import CONFIGS  # noqa: E402
 from llama_jax.parallel import distributed  # noqa: E402
-from llama_jax.training import optim, pretrain as runner
+from llama_jax.training import pretrain as runner, stages  # noqa: E402
 from llama_jax.errors import ConfigError  # noqa: E402
 
 _CONFIG = flags.DEFINE_enum("config", "default", sorted(CONFIGS), "Named run config.")
 # Run-level overrides: each is a field of RunConfig; unset flags keep the config's value.
 _INT = ["steps", "batch_size", "seq_len", "seed", "mesh_data", "mesh_fsdp", "mesh_tensor", "log_every",
-        "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints", "corpus_vocab_size",
-        "sample_tokens"]
-_STR = ["run_dir", "data_dir", "tokenizer"]
+        "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints", "keep_period", "max_bad_steps",
+        "corpus_vocab_size", "sample_tokens"]
+_STR = ["run_dir", "data_dir", "tokenizer", "text_field"]
 _LIST = ["train_files", "eval_files"]
 for name in _INT:
   flags.DEFINE_integer(name, None, f"Override RunConfig.{name}.")
@@ -35,8 +35,11 @@ flags.DEFINE_list("train_weights", None, "Mixing weight per --train_files entry.
 flags.DEFINE_list("stages", None, "Batch/sequence schedule, START_TOKENS:BATCHxSEQ per stage, e.g. "
                   "0:1024x4096,252e6:1024x8192 (the paper's); default: one stage of --batch_size x --seq_len.")
 flags.DEFINE_bool("restart_positions", None, "Restart RoPE positions at each packed document.")
+flags.DEFINE_bool("allow_config_change", None, "Resume even if settings that change the trajectory (model, "
+                  "optimizer, batch, sequence, data, seed) differ from the run's saved run_config.json.")
 # Optimizer and model overrides.
 _LR = flags.DEFINE_float("lr", None, "Peak learning rate.")
+_FINAL_LR = flags.DEFINE_float("final_lr", None, "Learning rate at the end of the cosine decay.")
 _WARMUP = flags.DEFINE_integer("warmup_steps", None, "Linear warmup steps.")
 _ACCUM = flags.DEFINE_integer("grad_accum_steps", None, "Microbatches per optimizer step.")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype (params stay fp32).")
@@ -48,7 +51,8 @@ FLAGS = flags.FLAGS
 
 def run_config() -> runner.RunConfig:
   run = CONFIGS[_CONFIG.value]
-  over = {n: FLAGS[n].value for n in _INT + _STR + ["restart_positions"] if FLAGS[n].value is not None}
+  over = {n: FLAGS[n].value for n in _INT + _STR + ["restart_positions", "allow_config_change"]
+          if FLAGS[n].value is not None}
   over.update({n: tuple(FLAGS[n].value) for n in _LIST if FLAGS[n].value is not None})
   if FLAGS.train_weights is not None:
     try:
@@ -56,10 +60,11 @@ def run_config() -> runner.RunConfig:
     except ValueError as e:
       raise ConfigError(f"--train_weights={','.join(FLAGS.train_weights)}: give numbers.") from e
   if FLAGS.stages is not None:
-    over["stages"] = optim.parse_stages(FLAGS.stages)
-  opt = {k: v for k, v in (("peak_lr", _LR.value), ("warmup_steps", _WARMUP.value),
+    over["stages"] = stages.parse_stages(FLAGS.stages)
+  opt = {k: v for k, v in (("peak_lr", _LR.value), ("final_lr", _FINAL_LR.value),
+                           ("warmup_steps", _WARMUP.value),
                            ("grad_accum_steps", _ACCUM.value)) if v is not None}
-  if "steps" in over:  # the cosine decays over the run's length
+  if over.get("steps", 0) >= 1:  # the cosine decays over the run's length (RunConfig rejects < 1)
     opt["total_steps"] = over["steps"]
     if "warmup_steps" not in opt and run.optim.warmup_steps >= over["steps"]:
       opt["warmup_steps"] = max(1, over["steps"] // 10)  # a short run keeps a proportionate warmup

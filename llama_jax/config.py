@@ -135,5 +135,5 @@ PRESETS: dict[str, ModelConfig] = {
 
 def get_preset(name: str) -> ModelConfig:
   if name not in PRESETS:
-    raise ConfigError(f"--model={name!r} is not a preset; choose one of {sorted(PRESETS)}.")
+    raise ConfigError(f"model preset {name!r} does not exist; choose one of {sorted(PRESETS)}.")
   return PRESETS[name]

@@ -30,7 +30,7 @@ def test_presets_keep_the_real_numerics():
     assert tiny.rope_theta == 500_000.0 and tiny.norm_eps == 1e-5
   assert C.LLAMA31_8B.rope_scaling.factor == 8 and C.LLAMA32_1B.rope_scaling.factor == 32
   assert C.LLAMA3_8B.rope_scaling is None and C.LLAMA32_3B.tie_embeddings
-  with pytest.raises(C.ConfigError, match="--model"):
+  with pytest.raises(C.ConfigError, match="model preset 'llama4' does not exist; choose one of"):
     C.get_preset("llama4")
 
 

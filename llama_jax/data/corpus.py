@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
-import glob
 import hashlib
 import json
 import os
@@ -188,7 +187,7 @@ def prepare(
 ) -> Corpus:
   """Builds the corpus and its tokenizer under `data_dir` (skipped when already built the same way)."""
   if not 0 <= heldout_fraction < 1:
-    raise ConfigError(f"--heldout_fraction={heldout_fraction}: must be in [0, 1).")
+    raise ConfigError(f"heldout_fraction={heldout_fraction}: must be in [0, 1).")
   data_dir = os.path.abspath(data_dir)
   settings = dict(sdist_sha256=SDIST_SHA256, stdlib_dir=stdlib_dir or sysconfig.get_paths()["stdlib"],
                   python=sys.version.split()[0], vocab_size=vocab_size, heldout_fraction=heldout_fraction,

@@ -63,7 +63,11 @@ class SentencePieceTokenizer:
 
     model_path = _check_file(model_path, "--tokenizer")
     self.model_path = model_path
-    self._sp = spm.SentencePieceProcessor(model_file=model_path)
+    try:
+      self._sp = spm.SentencePieceProcessor(model_file=model_path)
+    except RuntimeError as e:  # sentencepiece raises RuntimeError("INTERNAL: could not parse ModelProto ...")
+      raise ConfigError(f"--tokenizer={model_path}: not a SentencePiece model nor a tiktoken BPE file "
+                        f"({str(e).splitlines()[0]}).") from e
     self.vocab_size: int = self._sp.vocab_size()
     self.bos_id: int = self._sp.bos_id()
     self.eos_id: int = self._sp.eos_id()

@@ -1,4 +1,4 @@
-"""Asynchronous, atomic Orbax checkpoints of the train state and the data iterator; preemption.
+"""Asynchronous, atomic Orbax checkpoints of the train state and the data iterator.
 
 Layout of a run directory (one Orbax `CheckpointManager`):
   <dir>/<step>/state/   the train state pytree (params, opt_state, step, rng as raw key data), OCDBT/zarr
@@ -16,14 +16,10 @@ This file knows nothing of the train state's class: it takes any pytree, and a m
 
 from __future__ import annotations
 
-import logging
-import signal
-import threading
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
-from jax.experimental import multihost_utils
 
 from llama_jax.data import stream
 
@@ -54,12 +50,13 @@ def _data_to_keys(restored: Any, abstract: Any) -> Any:
 
 
 class Checkpointer:
-  """Keeps the last `max_to_keep` checkpoints, one every `save_interval_steps` steps."""
+  """Keeps the last `max_to_keep` checkpoints, one every `save_interval_steps` steps, and also every
+  checkpoint whose step is a multiple of `keep_period` (if given)."""
 
   def __init__(self, directory: str, *, save_interval_steps: int = 1000, max_to_keep: int | None = 3,
-               async_save: bool = True):
+               keep_period: int | None = None, async_save: bool = True):
     options = ocp.CheckpointManagerOptions(
-        save_interval_steps=save_interval_steps, max_to_keep=max_to_keep,
+        save_interval_steps=save_interval_steps, max_to_keep=max_to_keep, keep_period=keep_period,
         enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True)  # remove the leftovers of a write cut short by a kill
     self.manager = ocp.CheckpointManager(directory, options=options)
@@ -111,44 +108,3 @@ class Checkpointer:
     self.manager.close()
 
 
-class Preemption:
-  """Set when the scheduler asks the job to stop (SIGTERM); the loop saves and exits at `reached`."""
-
-  def __init__(self):
-    self._event = threading.Event()
-
-  def set(self) -> None:
-    self._event.set()
-
-  def reached(self, step: int) -> bool:
-    """Whether to save and stop after `step`. Call it at every step, on every host.
-
-    On several hosts, JAX's preemption service agrees on one step for all (each host's own flag could
-    trip at different steps, and a save that not every host joins hangs).
-    """
-    if jax.process_count() > 1:
-      try:
-        return multihost_utils.reached_preemption_sync_point(step)
-      except RuntimeError:  # preemption service disabled: fall back to this host's flag
-        pass
-    return self._event.is_set()
-
-
-def install_preemption_handler(signals: tuple[int, ...] = (signal.SIGTERM,)) -> Preemption:
-  """A `Preemption` whose flag SIGTERM sets (instead of killing the process).
-
-  With several processes the handler is not installed: JAX's preemption service (started by
-  jax.distributed.initialize) owns SIGTERM there, and `Preemption.reached` asks it.
-  """
-  preemption = Preemption()
-  if jax.process_count() > 1:
-    return preemption
-
-  def handler(signum, frame):
-    del frame
-    logging.warning("signal %d: saving a checkpoint and stopping after this step", signum)
-    preemption.set()
-
-  for s in signals:
-    signal.signal(s, handler)
-  return preemption

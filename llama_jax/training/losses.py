@@ -1,8 +1,8 @@
-"""Losses. Each returns (sum over counted tokens, count) so that microbatches and eval batches add up
-exactly: the train step divides the summed loss (and gradient) by the total count once.
-
-A training loss has the signature `loss_fn(model, params, batch) -> (loss_sum, count)`; pretraining,
-SFT and DPO differ by this function and the data, not by a second train step.
+"""Losses. A loss is `loss_fn(model, params, batch) -> (loss_sum, aux)`: the sum over counted tokens
+(or examples) and a dict of sums — at least `aux["tokens"]`, the count, plus any metric sums (e.g. DPO's
+reward margins). Sums add up exactly over microbatches and eval batches: the train step divides the summed
+loss (and gradient) by the total count once and reports each aux sum as a metric. Pretraining, SFT and
+DPO differ by this function and the data, never by a branch in the train step.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, Num
 
 Batch = dict[str, Any]
-LossFn = Callable[[nn.Module, Any, Batch], tuple[jax.Array, jax.Array]]
+Aux = dict[str, jax.Array]  # fp32 scalar sums; "tokens" is the count the loss is divided by
+LossFn = Callable[[nn.Module, Any, Batch], tuple[jax.Array, Aux]]
 
 
 def cross_entropy(logits_BTV: Float[Array, "B T V"], targets_BT: Int[Array, "B T"],
@@ -32,7 +33,8 @@ def cross_entropy(logits_BTV: Float[Array, "B T V"], targets_BT: Int[Array, "B T
   return jnp.sum((logz_BT - target_logit_BT) * mask_BT), jnp.sum(mask_BT)
 
 
-def pretrain_loss(model: nn.Module, params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
+def pretrain_loss(model: nn.Module, params: Any, batch: Batch) -> tuple[jax.Array, Aux]:
   """Next-token cross-entropy on a packed batch (segment ids keep documents apart)."""
   logits_BTV = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"])
-  return cross_entropy(logits_BTV, batch["targets"], batch["loss_mask"])
+  loss_sum, count = cross_entropy(logits_BTV, batch["targets"], batch["loss_mask"])
+  return loss_sum, {"tokens": count}

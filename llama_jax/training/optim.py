@@ -1,9 +1,8 @@
-"""AdamW with warmup + cosine decay, global-norm clipping, and the batch-size/sequence-length stages.
+"""AdamW with warmup + cosine decay and global-norm clipping (the stages are in stages.py).
 
 "The Llama 3 Herd of Models" §3.4.1: AdamW; 405B peak LR 8e-5, linear warmup over 8,000 steps, cosine
 decay to 8e-7 over 1,200,000 steps; peak 3e-4 for 8B and 1.5e-4 for 70B. Betas, eps, weight decay and
 clipping are not stated for Llama 3: we use Llama 2's (β = 0.9/0.95, eps 1e-5, weight decay 0.1, clip 1.0).
-Batch schedule: 4M tokens per batch at sequence 4,096; after 252M tokens 8M at 8,192; after 2.87T, 16M.
 
 Gradient accumulation is not an optax wrapper: the train step scans over `grad_accum_steps`
 microbatches and makes one optimizer update per call (llama_jax/training/step.py).
@@ -19,6 +18,11 @@ import jax.numpy as jnp
 import optax
 
 from llama_jax.errors import ConfigError
+
+
+# The pretraining entry point's flag for each field that has one (--steps sets total_steps).
+_FLAGS = {"peak_lr": "--lr", "final_lr": "--final_lr", "warmup_steps": "--warmup_steps",
+          "total_steps": "--steps", "grad_accum_steps": "--grad_accum_steps"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +47,7 @@ class OptimizerConfig:
   def __post_init__(self):
     def need(ok: bool, field: str, msg: str):
       if not ok:
-        raise ConfigError(f"OptimizerConfig.{field} (--{field}): {msg}")
+        raise ConfigError(f"OptimizerConfig.{field} ({_FLAGS.get(field, 'set in the --config')}): {msg}")
 
     need(self.peak_lr > 0, "peak_lr", f"must be > 0, got {self.peak_lr}.")
     need(0 <= self.final_lr <= self.peak_lr, "final_lr",
@@ -116,77 +120,3 @@ def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
   if config.clip_norm is None:
     return adamw
   return optax.chain(optax.clip_by_global_norm(config.clip_norm), adamw)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Batch-size / sequence-length stages.
-
-
-@dataclasses.dataclass(frozen=True)
-class Stage:
-  """From `start_tokens` tokens seen on: global batches of `batch_size` sequences of `seq_len` tokens."""
-
-  start_tokens: int
-  batch_size: int
-  seq_len: int
-
-  @property
-  def tokens_per_batch(self) -> int:
-    return self.batch_size * self.seq_len
-
-
-# "4M tokens" = 1024 sequences of 4,096 (2^22 tokens); 8M = 1024 x 8,192; 16M = 2048 x 8,192. The
-# thresholds are the paper's decimal 252M and 2.87T.
-LLAMA3_STAGES = (
-    Stage(start_tokens=0, batch_size=1024, seq_len=4096),
-    Stage(start_tokens=252_000_000, batch_size=1024, seq_len=8192),
-    Stage(start_tokens=2_870_000_000_000, batch_size=2048, seq_len=8192),
-)
-
-
-def validate_stages(stages: tuple[Stage, ...]) -> None:
-  if not stages or stages[0].start_tokens != 0:
-    raise ConfigError("--stages: the first stage must start at 0 tokens.")
-  starts = [s.start_tokens for s in stages]
-  if starts != sorted(set(starts)):
-    raise ConfigError(f"--stages: start_tokens must be strictly increasing, got {starts}.")
-  for s in stages:
-    if s.batch_size < 1 or s.seq_len < 1:
-      raise ConfigError(f"--stages: batch_size and seq_len must be >= 1, got {s}.")
-
-
-def stage_at(tokens_seen: int, stages: tuple[Stage, ...] = LLAMA3_STAGES) -> Stage:
-  """The stage in force once `tokens_seen` tokens have been trained on."""
-  validate_stages(stages)
-  return [s for s in stages if s.start_tokens <= tokens_seen][-1]
-
-
-
-def stage_start_steps(stages: tuple[Stage, ...]) -> list[int]:
-  """For each stage, the number of completed steps after which it is in force.
-
-  Step s+1 runs in the stage of the tokens seen after s steps, so a stage starts at the first step
-  boundary at or past its token threshold (e.g. the paper's 252M tokens at 4M per batch: after 61 steps).
-  """
-  validate_stages(stages)
-  starts, step, tokens = [0], 0, 0
-  for prev, nxt in zip(stages, stages[1:]):
-    n = max(0, -(-(nxt.start_tokens - tokens) // prev.tokens_per_batch))  # ceil
-    step, tokens = step + n, tokens + n * prev.tokens_per_batch
-    starts.append(step)
-  return starts
-
-
-def parse_stages(text: list[str] | tuple[str, ...]) -> tuple[Stage, ...]:
-  """`--stages=0:16x128,1000000:8x256` → Stages (start_tokens:batch_size x seq_len)."""
-  out = []
-  for item in text:
-    try:
-      start, shape = item.split(":")
-      batch, seq = shape.lower().split("x")
-      out.append(Stage(int(float(start)), int(batch), int(seq)))
-    except ValueError as e:
-      raise ConfigError(f"--stages: {item!r} is not START_TOKENS:BATCHxSEQ (e.g. 0:16x128).") from e
-  stages = tuple(out)
-  validate_stages(stages)
-  return stages

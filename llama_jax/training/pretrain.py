@@ -1,35 +1,33 @@
-"""The pretraining run: data → sharded train step → Orbax, with progress, evaluation and resume.
+"""The pretraining recipe: data sources, mesh, stages, the train state (new or resumed), then the loop.
 
-`pretrain(RunConfig)` is the host loop the entry points call. It dispatches step t before it reads step
-t−1's metrics (no host sync in the hot path), evaluates on held-out data every `eval_every` steps,
-checkpoints every `checkpoint_every` steps and on SIGTERM, and resumes from the latest checkpoint in
-`run_dir` — params, optimizer, step, RNG and the data iterator — so a resumed run sees exactly the batches
-it would have seen.
+`pretrain(RunConfig)` is what the entry points call. It resumes from the latest checkpoint in `run_dir`
+— params, optimizer, step, RNG and the data iterator — so a resumed run sees exactly the batches it would
+have seen; the host loop itself is training/loop.py, what it reports training/reporting.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
-import logging
-import math
 import os
-import time
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import numpy as np
 from etils import epath
+from jax.experimental import multihost_utils
 
-from llama_jax.training import checkpoint, step as train
+from llama_jax.config import ModelConfig
 from llama_jax.data import corpus, pipeline as data, stream as stream_lib
-from llama_jax.inference import sample
-from llama_jax.parallel import batching, sharding
 from llama_jax.data import tokenizers as tokenizer_lib
 from llama_jax.errors import ConfigError
-from llama_jax.config import ModelConfig
-from llama_jax.training.optim import OptimizerConfig, Stage, stage_start_steps
+from llama_jax.evals import heldout
+from llama_jax.inference import sample
+from llama_jax.parallel import batching, sharding
+from llama_jax.training import checkpoint, loop, metrics as metrics_lib, preemption as preemption_lib
+from llama_jax.training import reporting, step as train
+from llama_jax.training.optim import OptimizerConfig
+from llama_jax.training.stages import Stage, stage_start_steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,8 +49,11 @@ class RunConfig:
   log_every: int = 25
   eval_every: int = 250
   eval_batches: int = 8
-  checkpoint_every: int = 250
+  checkpoint_every: int = 250  # the last step (and a preemption's) is saved too
   keep_checkpoints: int = 2
+  keep_period: int | None = None  # also keep every checkpoint whose step is a multiple of this
+  max_bad_steps: int = 10  # non-finite steps in a row (each skipped) before the run stops
+  allow_config_change: bool = False  # resume even if the trajectory-changing settings differ
   # Data: the embedded corpus under data_dir, unless train_files are given (then tokenizer too).
   data_dir: str = "data_cache"
   corpus_vocab_size: int = 4096
@@ -60,21 +61,87 @@ class RunConfig:
   train_weights: tuple[float, ...] = ()
   eval_files: tuple[str, ...] = ()
   tokenizer: str | None = None
+  text_field: str = "text"  # the field of a JSONL line that holds the document
   restart_positions: bool = True
   sample_prompts: tuple[str, ...] = ("ROMEO.", "def ")
   sample_tokens: int = 64
 
   def __post_init__(self):
-    for f in ("steps", "batch_size", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+    for f in ("steps", "batch_size", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
+              "max_bad_steps"):
       if getattr(self, f) < 1:
         raise ConfigError(f"--{f}={getattr(self, f)}: must be >= 1.")
+    if self.keep_period is not None and self.keep_period < 1:
+      raise ConfigError(f"--keep_period={self.keep_period}: must be >= 1 (or unset).")
     if self.seq_len < 2:
       raise ConfigError(f"--seq_len={self.seq_len}: must be >= 2 (inputs and next-token targets).")
     if self.train_files and not self.tokenizer:
       raise ConfigError("--train_files needs --tokenizer (a sentencepiece .model or Meta's tokenizer.model).")
+    if self.tokenizer and not self.train_files:
+      raise ConfigError(f"--tokenizer needs --train_files (the embedded corpus under --data_dir brings its "
+                        f"own tokenizer); give --train_files too, or drop --tokenizer={self.tokenizer}.")
     if self.train_weights and len(self.train_weights) != len(self.train_files):
       raise ConfigError(f"--train_weights has {len(self.train_weights)} values for "
                         f"{len(self.train_files)} --train_files; give one weight per file.")
+
+
+# Settings that may change between a run and its resume: they do not change what is trained (`steps`
+# is the run's length; the schedule's length is optim.total_steps, compared). Everything else does.
+_HARMLESS = {"run_dir", "steps", "mesh_data", "mesh_fsdp", "mesh_tensor", "log_every", "eval_every",
+             "eval_batches", "eval_files", "checkpoint_every", "keep_checkpoints", "keep_period",
+             "max_bad_steps", "allow_config_change", "data_dir", "sample_prompts", "sample_tokens",
+             # The same math, other memory/compute trade-offs:
+             "optim.grad_accum_steps", "model.remat_policy"}
+# The flag that sets a field, where it is not --<field>.
+_FLAG = {"optim.peak_lr": "--lr", "optim.final_lr": "--final_lr", "optim.total_steps": "--steps",
+         "optim.warmup_steps": "--warmup_steps", "model.dtype": "--dtype"}
+_TOP_LEVEL_FLAGS = {"batch_size", "seq_len", "seed", "stages", "train_files", "train_weights", "tokenizer",
+                    "restart_positions", "corpus_vocab_size"}
+CONFIG_FILE = "run_config.json"
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict) and k in ("model", "optim"):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[prefix + k] = v
+  return out
+
+
+def _as_json(run: RunConfig) -> dict:
+  return json.loads(json.dumps(dataclasses.asdict(run)))  # tuples -> lists, as read back
+
+
+def config_differences(saved: dict, now: dict) -> list[str]:
+  """`--flag: saved X, now Y` for each trajectory-changing setting that differs."""
+  a, b = _flat(saved), _flat(now)
+  out = []
+  for key in sorted(set(a) | set(b)):
+    if key in _HARMLESS or a.get(key) == b.get(key):
+      continue
+    flag = _FLAG.get(key) or (f"--{key}" if key in _TOP_LEVEL_FLAGS else f"--config ({key})")
+    out.append(f"{flag}: saved {a.get(key)}, now {b.get(key)}")
+  return out
+
+
+def _check_and_save_config(run: RunConfig, run_dir: epath.Path, resuming: bool) -> None:
+  """On resume, compare with the config saved beside the checkpoints; then (process 0) save this one."""
+  path = run_dir / CONFIG_FILE
+  now = _as_json(run)
+  if resuming and path.exists():
+    diffs = config_differences(json.loads(path.read_text()), now)
+    if diffs and not run.allow_config_change:
+      raise ConfigError(f"--run_dir={run.run_dir} holds a run with other settings: {'; '.join(diffs)}. "
+                        "Rerun with the saved values, or pass --allow_config_change to continue anyway.")
+    if diffs:
+      print(f"config changed on resume (--allow_config_change): {'; '.join(diffs)}", flush=True)
+  if jax.process_count() > 1:  # every process has read the saved config before process 0 replaces it
+    multihost_utils.sync_global_devices("run_config.json read")
+  if jax.process_index() == 0:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(now, indent=2))
 
 
 def _sources(run: RunConfig) -> tuple[list[data.Source], list[data.Source], Any]:
@@ -87,8 +154,8 @@ def _sources(run: RunConfig) -> tuple[list[data.Source], list[data.Source], Any]
         raise ConfigError(f"{flag}: {path} does not exist; check the path.")
     tok = tokenizer_lib.load_tokenizer(run.tokenizer)
     weights = run.train_weights or (1.0,) * len(run.train_files)
-    train_src = [data.Source(p, weight=w) for p, w in zip(run.train_files, weights)]
-    eval_src = [data.Source(p) for p in run.eval_files]
+    train_src = [data.Source(p, weight=w, field=run.text_field) for p, w in zip(run.train_files, weights)]
+    eval_src = [data.Source(p, field=run.text_field) for p in run.eval_files]
     return train_src, eval_src, tok
   c = corpus.prepare(run.data_dir, vocab_size=run.corpus_vocab_size)
   train_src = [data.Source(c.train[name], weight=c.weights[name]) for name in c.train]
@@ -102,97 +169,6 @@ def _global_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
 
   `source_id` (which source filled a row) stays on the host: the step does not read it."""
   return batching.global_batch({k: batch[k] for k in data.FEATURES}, mesh)
-
-
-def unigram_entropy(token_counts: np.ndarray) -> float:
-  """Entropy (nats) of the empirical unigram distribution: the loss of the best context-free model."""
-  p = token_counts[token_counts > 0] / token_counts.sum()
-  return float(-(p * np.log(p)).sum())
-
-
-class _Log:
-  """metrics.jsonl (every step), TensorBoard events and the progress line; process 0 writes."""
-
-  def __init__(self, run_dir: epath.Path, total_steps: int, first_step: int):
-    self.enabled = jax.process_index() == 0
-    self.total, self.first = total_steps, first_step
-    self.start = time.perf_counter()
-    self.history: list[dict] = []
-    self._tb = None
-    if self.enabled:
-      run_dir.mkdir(parents=True, exist_ok=True)
-      path = run_dir / "metrics.jsonl"
-      if path.exists():  # keep what a previous run logged up to the step we resume from
-        with path.open() as f:
-          self.history = [r for r in map(json.loads, f) if r["step"] <= first_step]
-      self._file = path.open("w")
-      for r in self.history:
-        self._file.write(json.dumps(r) + "\n")
-      try:
-        from tensorboardX import SummaryWriter  # noqa: PLC0415 (optional at import time)
-        self._tb = SummaryWriter(str(run_dir / "tb"))
-      except ImportError:
-        logging.warning("tensorboardX not installed: no TensorBoard events")
-
-  def write(self, step: int, metrics: dict, log_every: int):
-    if not self.enabled:
-      return
-    record = {"step": step, **metrics}
-    self.history.append(record)
-    self._file.write(json.dumps(record) + "\n")
-    self._file.flush()
-    if self._tb is not None:
-      for k, v in metrics.items():
-        self._tb.add_scalar(k, v, step)
-    if "eval_loss" in metrics:
-      print(f"step {step:6d} | held-out loss {metrics['eval_loss']:.4f}", flush=True)
-    elif step % log_every == 0 or step == self.total:
-      elapsed = time.perf_counter() - self.start
-      eta = elapsed / max(step - self.first, 1) * (self.total - step)
-      tps = metrics.get("tokens_per_s", float("nan"))
-      mfu = metrics.get("mfu", float("nan"))
-      print(f"step {step:6d}/{self.total} | loss {metrics['loss']:.4f} | lr {metrics['lr']:.2e} | "
-            f"{tps:9.0f} tok/s | MFU {100 * mfu:5.2f}% | ETA {_duration(eta)}", flush=True)
-
-  def close(self):
-    if self.enabled:
-      self._file.close()
-      if self._tb is not None:
-        self._tb.close()
-
-
-def _duration(s: float) -> str:
-  s = int(s)
-  return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
-def _evaluate(eval_step, params, eval_ds, mesh, max_batches: int) -> tuple[float, np.ndarray]:
-  """Held-out loss over the first `max_batches` batches, and the counts of the tokens it scored."""
-  batches = list(itertools.islice(eval_ds, max_batches))  # global batches, the same on every process
-  loss = train.evaluate(eval_step, params, [_global_batch(b, mesh) for b in batches])
-  return loss, np.bincount(np.concatenate([b["targets"][b["loss_mask"] > 0] for b in batches]))
-
-
-def plot_losses(history: Sequence[dict], path: epath.Path) -> None:
-  import matplotlib  # noqa: PLC0415 (only the end of a run needs it)
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # noqa: PLC0415
-
-  train_pts = [(r["step"], r["loss"]) for r in history if "loss" in r]
-  eval_pts = [(r["step"], r["eval_loss"]) for r in history if "eval_loss" in r]
-  fig, ax = plt.subplots(figsize=(7, 4))
-  if train_pts:
-    ax.plot(*zip(*train_pts), label="train loss", lw=1)
-  if eval_pts:
-    ax.plot(*zip(*eval_pts), "o-", label="held-out loss")
-  ax.set_xlabel("step")
-  ax.set_ylabel("cross-entropy (nats/token)")
-  ax.grid(alpha=0.3)
-  ax.legend()
-  fig.tight_layout()
-  with path.open("wb") as f:
-    fig.savefig(f, format="png", dpi=100)
-  plt.close(fig)
 
 
 def pretrain(run: RunConfig) -> dict:
@@ -211,7 +187,6 @@ def pretrain(run: RunConfig) -> dict:
     train.check_batch_shape(st.batch_size, st.seq_len, model_cfg, run.optim, mesh)
   train.check_batch_shape(run.batch_size, run.seq_len, model_cfg, run.optim, mesh)
   stage_of = lambda steps_done: max(i for i, s in enumerate(starts) if s <= steps_done)
-  nproc, pid = jax.process_count(), jax.process_index()
 
   # Local (made absolute: Orbax needs it) or a remote URL such as gs://; Orbax and the logs write there.
   run_dir = epath.Path(run.run_dir if "://" in run.run_dir else os.path.abspath(run.run_dir))
@@ -232,9 +207,19 @@ def pretrain(run: RunConfig) -> dict:
   eval_ds = (data.eval_dataset(eval_src, tok, seq_len=run.seq_len, batch_size=run.batch_size,
                                restart_positions=run.restart_positions, cache_dir=cache)
              if eval_src else None)
-  ckpt = checkpoint.Checkpointer(str(run_dir / "checkpoints"),
-                                 save_interval_steps=run.checkpoint_every, max_to_keep=run.keep_checkpoints)
-  if (latest := ckpt.latest_step()) is not None:
+  ckpt = checkpoint.Checkpointer(str(run_dir / "checkpoints"), save_interval_steps=run.checkpoint_every,
+                                 max_to_keep=run.keep_checkpoints, keep_period=run.keep_period)
+  try:
+    return _train(run, ckpt, model_cfg, mesh, stages, stage_of, train_iterator, eval_ds, tok, run_dir)
+  finally:  # also on an error: the saves in flight (the last good checkpoint) complete
+    ckpt.close()
+
+
+def _train(run, ckpt, model_cfg, mesh, stages, stage_of, train_iterator, eval_ds, tok, run_dir) -> dict:
+  nproc, pid = jax.process_count(), jax.process_index()
+  latest = ckpt.latest_step()
+  _check_and_save_config(run, run_dir, resuming=latest is not None)
+  if latest is not None:
     # The saved iterator is the one of the stage that ran the checkpoint's last step.
     stage = stage_of(max(latest - 1, 0))
     state, data_it = ckpt.restore(train.abstract_state(model_cfg, run.optim, mesh), train_iterator(stage))
@@ -245,53 +230,33 @@ def pretrain(run: RunConfig) -> dict:
     state = train.create_train_state(model_cfg, run.optim, mesh, jax.random.key(run.seed))
   first = int(jax.device_get(state.step))  # the one sync before the loop
   train_step = train.make_train_step(model_cfg, run.optim, mesh)
-  eval_step = train.make_eval_step(model_cfg, mesh) if eval_ds is not None else None
-  reader = train.MetricsReader.for_model(model_cfg, stages[stage].seq_len, mesh)
-  preemption = checkpoint.install_preemption_handler()
-  log = _Log(run_dir, run.steps, first)
+  to_global = lambda batch: _global_batch(batch, mesh)
+  evaluate = None
+  if eval_ds is not None:
+    eval_step = train.make_eval_step(model_cfg, mesh, grad_accum_steps=run.optim.grad_accum_steps)
+    evaluate = lambda params: heldout.heldout_loss(eval_step, params, eval_ds, to_global, run.eval_batches)
+  log = reporting.Log(run_dir, run.steps, first)
   n_params = sum(int(x.size) for x in jax.tree.leaves(state.params))
   print(f"model: {n_params:,} params, vocab {model_cfg.vocab_size} | mesh {dict(mesh.shape)} | "
         f"batch {stages[stage].batch_size}x{stages[stage].seq_len} | steps {first}→{run.steps}", flush=True)
 
-  step, eval_loss, counts = first, None, None
-  while step < run.steps:
-    if stage_of(step) != stage:  # a new batch/sequence stage: new rows, one more compiled shape
-      if (out := reader.flush()) is not None:
-        log.write(*out, run.log_every)
-      stage = stage_of(step)
-      data_it = train_iterator(stage)
-      reader = train.MetricsReader.for_model(model_cfg, stages[stage].seq_len, mesh)
-      print(f"stage {stage}: batch {stages[stage].batch_size} x seq {stages[stage].seq_len} from step "
-            f"{step + 1}", flush=True)
-    batch = next(data_it)
-    state, metrics = train_step(state, _global_batch(batch, mesh))
-    step += 1
-    # `batch` is the global [B, T] batch: tokens/s counts each row once, whatever the process count.
-    if (out := reader.read(step, metrics, train.batch_tokens(batch))) is not None:
-      log.write(*out, run.log_every)
-    stop = preemption.reached(step)
-    if stop or ckpt.should_save(step):
-      ckpt.save(step, state, data_it, force=stop)
-    if stop:
-      print(f"preempted: saved step {step} to {run.run_dir}; rerun the same command to resume", flush=True)
-      break
-    if eval_step is not None and (step % run.eval_every == 0 or step == run.steps):
-      if (out := reader.flush()) is not None:
-        log.write(*out, run.log_every)
-      eval_loss, counts = _evaluate(eval_step, state.params, eval_ds, mesh, run.eval_batches)
-      log.write(step, {"eval_loss": eval_loss}, run.log_every)
-  if (out := reader.flush()) is not None:
-    log.write(*out, run.log_every)
+  out = loop.run(
+      state=state, first_step=first, steps=run.steps, train_step=train_step, data_it=data_it, stage=stage,
+      stages=stages, stage_of=stage_of, train_iterator=train_iterator, to_global=to_global,
+      new_reader=lambda i: metrics_lib.MetricsReader.for_model(model_cfg, stages[i].seq_len, mesh),
+      ckpt=ckpt, preemption=preemption_lib.install_preemption_handler(), log=log, log_every=run.log_every,
+      eval_every=run.eval_every, evaluate=evaluate, run_dir=run.run_dir,
+      max_bad_steps=run.max_bad_steps)
+  state, step, eval_loss, counts = out.state, out.step, out.eval_loss, out.token_counts
   ckpt.wait_until_finished()
-  ckpt.close()
 
   result = {"step": step, "eval_loss": eval_loss}
   if step == run.steps and pid == 0:
     if counts is not None:
-      result["unigram_entropy"] = unigram_entropy(counts)
+      result["unigram_entropy"] = reporting.unigram_entropy(counts)
       print(f"held-out loss {eval_loss:.4f} nats/token vs unigram entropy of the same tokens "
             f"{result['unigram_entropy']:.4f} nats/token", flush=True)
-    plot_losses(log.history, run_dir / "loss.png")
+    reporting.plot_losses(log.history, run_dir / "loss.png")
     print(f"loss curves: {run_dir / 'loss.png'}", flush=True)
     if run.sample_prompts and nproc == 1:
       prompts = [tok.encode(p, bos=True) for p in run.sample_prompts]

@@ -1,4 +1,4 @@
-"""The train state, the one train step, the eval step, and host-side throughput metrics.
+"""The train state, the one train step and the eval step.
 
 `make_train_step` jits one pure `train_step(state, batch) -> (state, metrics)` with explicit shardings
 and the state donated. The loss is a parameter (llama_jax/training/losses.py): pretraining, SFT and DPO differ by
@@ -12,18 +12,16 @@ positions, loss_mask (1 where the target counts). B is split over the (data, fsd
 
 from __future__ import annotations
 
-import time
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from llama_jax.training import flops, losses
+from llama_jax.training import losses
 from llama_jax.model import params as params_lib
 from llama_jax.parallel import sharding
 from llama_jax.errors import ConfigError
@@ -114,31 +112,56 @@ def _microbatches(x: jax.Array, accum: int) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, PartitionSpec(None, sharding.BATCH_AXES))
 
 
-def accumulated_grads(model: nn.Module, loss_fn: losses.LossFn, params: Any, batch: Batch, accum: int,
-                      param_shardings: Any = None) -> tuple[Any, jax.Array, jax.Array]:
-  """(gradient of the mean loss, mean loss, count) over the whole batch, run as `accum` microbatches.
+def _sum_microbatches(fn: Callable, init: Any, batch: Batch, accum: int) -> Any:
+  """`fn(micro)`'s outputs summed over the `accum` microbatches of `batch`, one after another (a scan:
+  only one microbatch's activations are alive at a time)."""
+  micro = jax.tree.map(lambda x: _microbatches(x, accum), batch)
 
-  Each microbatch gives the gradient of its loss *sum*; dividing the total by the total count once
-  gives exactly the full-batch gradient of the mean over counted tokens, whatever `accum` is.
+  def add(total, mb):
+    return jax.tree.map(jnp.add, total, fn(mb)), None
+
+  return jax.lax.scan(add, init, micro)[0]
+
+
+def _zeros_like_aux(loss_fn: losses.LossFn, model: nn.Module, params: Any, batch: Batch,
+                    accum: int) -> dict:
+  """fp32 zeros shaped like the loss's aux dict (known at trace time from one microbatch's shapes)."""
+  micro = jax.tree.map(lambda x: jax.ShapeDtypeStruct((x.shape[0] // accum, *x.shape[1:]), x.dtype), batch)
+  _, aux = jax.eval_shape(lambda p, mb: loss_fn(model, p, mb), params, micro)
+  return jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), aux)
+
+
+def accumulated_grads(model: nn.Module, loss_fn: losses.LossFn, params: Any, batch: Batch, accum: int,
+                      param_shardings: Any = None) -> tuple[Any, jax.Array, dict]:
+  """(gradient of the mean loss, loss sum, aux sums) over the whole batch, run as `accum` microbatches.
+
+  Each microbatch gives the gradient of its loss *sum*; dividing the total by the total count
+  (aux["tokens"]) once gives exactly the full-batch gradient of the mean, whatever `accum` is.
   """
   grad_fn = jax.value_and_grad(lambda p, mb: loss_fn(model, p, mb), has_aux=True)
 
-  def add_microbatch(carry, micro):
-    grads_sum, loss_sum, count = carry
-    (loss, n), grads = grad_fn(params, micro)
+  def microbatch(mb):
+    (loss_sum, aux), grads = grad_fn(params, mb)
     # Accumulate in fp32 whatever the param dtype (as the paper does for its reduce-scatters).
-    grads_sum = jax.tree.map(lambda acc, g: acc + g.astype(jnp.float32), grads_sum, grads)
-    return (grads_sum, loss_sum + loss, count + n), None
+    f32 = lambda t: jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), t)
+    return f32(grads), f32(loss_sum), f32(aux)
 
   zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
   if param_shardings is not None:  # the fp32 accumulator is sharded like the params
     zeros = jax.lax.with_sharding_constraint(zeros, param_shardings)
-  micro = jax.tree.map(lambda x: _microbatches(x, accum), batch)
-  init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-  (grads_sum, loss_sum, count), _ = jax.lax.scan(add_microbatch, init, micro)
-  denom = jnp.maximum(count, 1.0)
+  init = (zeros, jnp.zeros((), jnp.float32), _zeros_like_aux(loss_fn, model, params, batch, accum))
+  grads_sum, loss_sum, aux = _sum_microbatches(microbatch, init, batch, accum)
+  denom = jnp.maximum(aux["tokens"], 1.0)
   grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads_sum, params)
-  return grads, loss_sum / denom, count
+  return grads, loss_sum, aux
+
+
+def _schedule_count(opt_state: Any) -> jax.Array:
+  """The optimizer's own step count (the one its LR schedule reads)."""
+  counts = [s.count for s in jax.tree.leaves(
+      opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState))
+            if isinstance(s, optax.ScaleByScheduleState)]
+  return counts[0]
 
 
 def make_train_step(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, mesh: Mesh,
@@ -147,7 +170,8 @@ def make_train_step(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, mesh: Mesh
   """`train_step(state, batch) -> (state, metrics)`, jitted once; `state` is donated.
 
   metrics (fp32 scalars, on device): loss (mean over counted tokens), grad_norm (before clipping),
-  lr (the one this update used), tokens (counted loss tokens).
+  lr (the one this update used), skipped (1 if the loss or gradient norm was not finite and the update
+  was dropped), and every sum of the loss's aux (tokens: counted loss tokens, ...).
   """
   model = factory.make_model(model_cfg)
   tx = make_optimizer(opt_cfg)
@@ -158,12 +182,21 @@ def make_train_step(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, mesh: Mesh
   def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
     b, t = batch["inputs"].shape
     check_batch_shape(b, t, model_cfg, opt_cfg, mesh)  # at trace time
-    grads, loss, count = accumulated_grads(model, loss_fn, state.params, batch, accum, state_sh.params)
+    grads, loss_sum, aux = accumulated_grads(model, loss_fn, state.params, batch, accum, state_sh.params)
+    loss, grad_norm = loss_sum / jnp.maximum(aux["tokens"], 1.0), optax.tree.norm(grads)
+    lr = jnp.asarray(schedule(_schedule_count(state.opt_state)), jnp.float32)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                              opt_state=opt_state)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
-               "lr": jnp.asarray(schedule(state.step), jnp.float32), "tokens": count}
+    # A NaN/Inf loss or gradient must not reach the params: keep the old params and optimizer state
+    # (selected, not branched: one compiled program). The step counter still advances, so the host
+    # loop's step numbers, checkpoints and logs count batches consumed and the data moves on; the
+    # optimizer's own count (LR schedule, Adam's bias correction) counts only the updates applied.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = state.replace(step=state.step + 1,
+                              params=keep(optax.apply_updates(state.params, updates), state.params),
+                              opt_state=keep(opt_state, state.opt_state))
+    metrics = {**aux, "loss": loss, "grad_norm": grad_norm, "lr": lr,
+               "skipped": (~finite).astype(jnp.float32)}
     return new_state, metrics
 
   # One sharding for the whole batch dict (a pytree prefix): every leaf is split on its leading B.
@@ -179,13 +212,28 @@ def make_train_step(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, mesh: Mesh
   return step
 
 
-def make_eval_step(model_cfg: ModelConfig, mesh: Mesh, loss_fn: losses.LossFn = losses.pretrain_loss
-                   ) -> Callable[[Any, Batch], tuple[jax.Array, jax.Array]]:
-  """`eval_step(params, batch) -> (loss_sum, count)`; add these up over batches, then divide."""
+def make_eval_step(model_cfg: ModelConfig, mesh: Mesh, loss_fn: losses.LossFn = losses.pretrain_loss,
+                   grad_accum_steps: int = 1) -> Callable[[Any, Batch], tuple[jax.Array, dict]]:
+  """`eval_step(params, batch) -> (loss_sum, aux)`; add these up over batches, then divide by
+  aux["tokens"]. The batch runs as `grad_accum_steps` microbatches, as in training: an eval batch is
+  as large as a training batch, and holding its activations at once is what accumulation avoids."""
   model = factory.make_model(model_cfg)
   param_sh = params_lib.param_shardings(model_cfg, mesh)
-  jitted = jax.jit(lambda p, batch: loss_fn(model, p, batch),
-                   in_shardings=(param_sh, sharding.batch_sharding(mesh, ndim=1)),
+
+  def eval_step(params, batch):
+    b, t = batch["inputs"].shape
+    if b % grad_accum_steps:
+      raise ConfigError(f"--batch_size={b} is not divisible by --grad_accum_steps={grad_accum_steps}; "
+                        f"use a multiple of {grad_accum_steps}.")
+
+    def microbatch(mb):
+      loss_sum, aux = loss_fn(model, params, mb)
+      return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), (loss_sum, aux))
+
+    init = (jnp.zeros((), jnp.float32), _zeros_like_aux(loss_fn, model, params, batch, grad_accum_steps))
+    return _sum_microbatches(microbatch, init, batch, grad_accum_steps)
+
+  jitted = jax.jit(eval_step, in_shardings=(param_sh, sharding.batch_sharding(mesh, ndim=1)),
                    out_shardings=_replicated(mesh))
   rules = sharding.logical_rules(model_cfg, mesh)
 
@@ -194,60 +242,3 @@ def make_eval_step(model_cfg: ModelConfig, mesh: Mesh, loss_fn: losses.LossFn = 
       return jitted(params, batch)
 
   return step
-
-
-def evaluate(eval_step, params, batches: Iterable[Batch]) -> float:
-  """Mean loss per counted token over `batches` (dispatches all batches, then syncs once)."""
-  sums = [eval_step(params, b) for b in batches]
-  total = jax.device_get(sums)
-  return float(sum(s for s, _ in total) / max(sum(n for _, n in total), 1.0))
-
-
-class MetricsReader:
-  """Host-side step time, tokens/s and MFU without a device sync in the hot path.
-
-  Call `read(step, metrics, batch_tokens)` right after dispatching step t: it stores step t's metrics
-  (still device futures) and returns step t−1's, fetched, with throughput — so the host blocks on step
-  t−1 while step t is already queued. Step time is the time between successive fetches, which in
-  steady state is the device time per step; the first fetched step (compilation) has no timing.
-  """
-
-  def __init__(self, flops_per_token: float, n_devices: int, peak_flops_per_device: float):
-    self.flops_per_token = flops_per_token
-    self.n_devices = n_devices
-    self.peak = peak_flops_per_device
-    self._pending: tuple[int, dict, int] | None = None
-    self._last_fetch: float | None = None
-
-  @classmethod
-  def for_model(cls, model_cfg: ModelConfig, seq_len: int, mesh: Mesh) -> "MetricsReader":
-    device = mesh.devices.flat[0]
-    # On CPU the peak is measured for the whole host, which all its (fake) devices share.
-    n = jax.process_count() if device.platform == "cpu" else mesh.size
-    return cls(flops.flops_per_token(model_cfg, seq_len), n, flops.peak_flops(device))
-
-  def read(self, step: int, metrics: dict, batch_tokens: int) -> tuple[int, dict] | None:
-    previous, self._pending = self._pending, (step, metrics, batch_tokens)
-    return None if previous is None else self._fetch(previous)
-
-  def flush(self) -> tuple[int, dict] | None:
-    """The last step's metrics (blocks until it is done)."""
-    previous, self._pending = self._pending, None
-    return None if previous is None else self._fetch(previous)
-
-  def _fetch(self, pending: tuple[int, dict, int]) -> tuple[int, dict]:
-    step, metrics, batch_tokens = pending
-    out = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    now = time.perf_counter()
-    if self._last_fetch is not None:
-      dt = now - self._last_fetch
-      out["step_time_s"] = dt
-      out["tokens_per_s"] = batch_tokens / dt
-      out["mfu"] = flops.mfu(batch_tokens / dt, self.flops_per_token, self.n_devices, self.peak)
-    self._last_fetch = now
-    return step, out
-
-
-def batch_tokens(batch: Batch) -> int:
-  """Tokens the model processes for `batch` (padding included: MFU counts the work done)."""
-  return int(np.prod(batch["inputs"].shape))

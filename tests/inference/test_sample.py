@@ -1,7 +1,6 @@
 """Greedy generation against Hugging Face's greedy `generate` on the same weights."""
 
 import jax
-import numpy as np
 import pytest
 
 from llama_jax.interop import hf

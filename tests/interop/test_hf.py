@@ -7,7 +7,6 @@ import os
 import shutil
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
@@ -17,7 +16,7 @@ from llama_jax.interop import hf
 from llama_jax.model import params as P
 from llama_jax.errors import ConfigError
 from llama_jax.parallel import sharding
-from llama_jax.model.transformer import Transformer, rope_frequencies
+from llama_jax.model.transformer import Transformer
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

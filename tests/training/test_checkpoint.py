@@ -1,9 +1,7 @@
 """Checkpoints: bitwise round trip with the data iterator, resharding on restore, atomicity, retention,
-async save vs donation, preemption."""
+async save vs donation."""
 
 import dataclasses
-import os
-import signal
 
 import grain
 import jax
@@ -157,16 +155,3 @@ def test_interval_and_retention(tmp_path):
   ckpt.wait_until_finished()
   assert ckpt.all_steps() == [6, 8]
   ckpt.close()
-
-
-def test_sigterm_sets_the_preemption_flag():
-  """SIGTERM no longer kills the process: it sets the flag the run loop checks after each step (the
-  save-and-stop itself is tested end to end in tests/test_pretrain.py)."""
-  previous = signal.getsignal(signal.SIGTERM)
-  try:
-    preemption = checkpoint.install_preemption_handler()
-    assert not preemption.reached(0)
-    os.kill(os.getpid(), signal.SIGTERM)  # the scheduler's notice: the process keeps running
-    assert preemption.reached(0)
-  finally:
-    signal.signal(signal.SIGTERM, previous)

@@ -6,35 +6,16 @@ import os
 import signal
 import subprocess
 import sys
-import sysconfig
 import time
 
 import numpy as np
 import pytest
 
 from llama_jax.training import pretrain as runner
-from llama_jax.data import tokenizers as tokenizer_lib
 from llama_jax.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS = 40
-
-
-@pytest.fixture(scope="module")
-def text_data(tmp_path_factory):
-  """Real text (stdlib Python sources) as JSONL train/held-out files and a tokenizer trained on them."""
-  d = tmp_path_factory.mktemp("text")
-  stdlib = sysconfig.get_paths()["stdlib"]
-  files = sorted(f for f in os.listdir(stdlib) if f.endswith(".py"))[:60]
-  docs = [open(os.path.join(stdlib, f), encoding="utf-8", errors="replace").read() for f in files]
-  for name, part in (("train", docs[:50]), ("eval", docs[50:])):
-    with open(d / f"{name}.jsonl", "w") as f:
-      for text in part:
-        f.write(json.dumps({"text": text}) + "\n")
-  with open(d / "spm_input.txt", "w") as f:
-    f.write("\n".join(docs[:50]))
-  tokenizer_lib.train_sentencepiece([str(d / "spm_input.txt")], str(d / "tok"), 512)
-  return {"train": str(d / "train.jsonl"), "eval": str(d / "eval.jsonl"), "tokenizer": str(d / "tok.model")}
 
 
 def _cmd(text_data, run_dir, *extra):
@@ -155,7 +136,7 @@ def test_cli_error_is_one_clear_line(text_data, tmp_path):
 
 def test_batch_and_sequence_stages(text_data, tmp_path, capsys):
   """The paper's schedule at toy scale: 8 rows of 32 tokens, then 8 rows of 64 from 768 tokens on."""
-  from llama_jax.training.optim import Stage
+  from llama_jax.training.stages import Stage
   run = _run_config(text_data, tmp_path, steps=6, seq_len=64, sample_prompts=(), eval_batches=1,
                     stages=(Stage(0, 8, 32), Stage(768, 8, 64)))
   runner.pretrain(run)
@@ -173,11 +154,11 @@ def test_two_processes_train_checkpoint_and_resume(text_data, tmp_path):
     port = s.getsockname()[1]
   run_dir = str(tmp_path / "run")
 
-  def launch(steps, port):
+  def launch(steps, port, *extra):
     env = {**_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     procs = [subprocess.Popen(
         _cmd(text_data, run_dir, f"--steps={steps}", "--checkpoint_every=6", "--mesh_fsdp=-1",
-             f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"),
+             f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}", *extra),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
     try:
       outs = [p.communicate(timeout=240) for p in procs]
@@ -196,6 +177,7 @@ def test_two_processes_train_checkpoint_and_resume(text_data, tmp_path):
   assert not [f for f in os.listdir(data_dir) if f.startswith("process_")]
   with open(os.path.join(data_dir, "metadata")) as f:
     assert json.load(f)["tokens"] == [12 * 8 * 64]  # 12 steps of 8 global rows of 64, one source
-  out = launch(18, port + 1 if port < 65535 else port - 1)
+  # --steps=18 lengthens the cosine (total steps 12 -> 18): a change the resume must be allowed.
+  out = launch(18, port + 1 if port < 65535 else port - 1, "--allow_config_change")
   assert "resumed from" in out and "at step 12" in out
   assert sorted(_losses(run_dir)) == list(range(1, 19))

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from llama_jax import config as C
+from llama_jax.evals import heldout
 from llama_jax.training import losses, optim, step as train
 from llama_jax.parallel import sharding
 from llama_jax.errors import ConfigError
@@ -199,8 +200,8 @@ def test_accumulated_grads_equal_full_batch_grads(host_state, mesh8):
     with sharding.use(mesh8, sharding.logical_rules(CFG, mesh8)):
       return _host(f(params, batch))
 
-  (g1, l1, n1), (g4, l4, n4) = grads(1), grads(4)
-  assert n1 == n4 == batch["loss_mask"].sum()
+  (g1, l1, aux1), (g4, l4, aux4) = grads(1), grads(4)
+  assert aux1["tokens"] == aux4["tokens"] == batch["loss_mask"].sum()
   np.testing.assert_allclose(l4, l1, rtol=1e-6)
   for a, b in zip(jax.tree.leaves(g4), jax.tree.leaves(g1)):
     np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
@@ -232,7 +233,7 @@ def test_zero_gradient_step_decays_matrices_not_norms(host_state, mesh8):
   """A pluggable loss with zero gradient: only the weight decay moves params, and not the norm scales."""
   def zero_loss(model, params, batch):
     del model
-    return 0.0 * sum(jnp.sum(x) for x in jax.tree.leaves(params)), jnp.sum(batch["loss_mask"] * 0 + 1.0)
+    return 0.0 * sum(jnp.sum(x) for x in jax.tree.leaves(params)), {"tokens": jnp.sum(batch["loss_mask"] * 0 + 1.0)}
 
   step = train.make_train_step(CFG, OPT, mesh8, loss_fn=zero_loss)
   new, metrics = step(_put(host_state, mesh8), make_batch())
@@ -247,9 +248,74 @@ def test_zero_gradient_step_decays_matrices_not_norms(host_state, mesh8):
 
 def test_eval_step_matches_train_loss(host_state, mesh8, step8):
   state, batch = _put(host_state, mesh8), make_batch(4)
-  loss_eval = train.evaluate(train.make_eval_step(CFG, mesh8), state.params, [batch])
+  loss_eval = heldout.evaluate(train.make_eval_step(CFG, mesh8), state.params, [batch])
   _, metrics = step8(state, batch)  # the train loss is at the params before the update
   assert loss_eval == pytest.approx(float(metrics["loss"]), rel=1e-6)
+
+
+def test_eval_uses_the_training_microbatches(host_state, mesh8):
+  """Defect 8: eval ran the whole global batch at once; it runs the same microbatches as training."""
+  seen = []
+
+  def recording_loss(model, params, batch):
+    seen.append(batch["inputs"].shape)  # at trace time: the rows one forward pass holds
+    return losses.pretrain_loss(model, params, batch)
+
+  params, batch = _put(host_state, mesh8).params, make_batch(6, b=16)
+  l1 = heldout.evaluate(train.make_eval_step(CFG, mesh8, recording_loss), params, [batch])
+  assert set(seen) == {(16, T)}
+  seen.clear()
+  l2 = heldout.evaluate(train.make_eval_step(CFG, mesh8, recording_loss, grad_accum_steps=2), params, [batch])
+  assert set(seen) == {(8, T)}  # every trace of the loss sees one microbatch, never the 16 rows
+  assert l2 == pytest.approx(l1, rel=1e-6)
+
+
+def _scaled_loss(model, params, batch):
+  """The pretraining loss times the batch's mean `scale`: a NaN there poisons the loss and gradient."""
+  loss_sum, aux = losses.pretrain_loss(model, params, batch)
+  return loss_sum * jnp.mean(batch["scale"]), aux
+
+
+def _hits_loss(model, params, batch):
+  """Pretraining loss plus one more metric sum: how many counted targets are the argmax."""
+  logits = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"])
+  loss_sum, aux = losses.pretrain_loss(model, params, batch)
+  hits = jnp.sum((jnp.argmax(logits, -1) == batch["targets"]) * batch["loss_mask"]).astype(jnp.float32)
+  return loss_sum, {**aux, "hits": hits}
+
+
+def test_aux_metric_sums_flow_through_the_step(host_state, mesh8):
+  """A loss's aux sums reach the metrics summed over microbatches, whatever the loss."""
+  batch = make_batch(7, b=16)
+  model = Transformer(CFG)
+  logits = _host(jax.jit(lambda p: model.apply({"params": p}, batch["inputs"], batch["positions"],
+                                               batch["segment_ids"]))(host_state.params))
+  want = ((logits.argmax(-1) == batch["targets"]) * batch["loss_mask"]).sum()
+  for accum in (1, 2):
+    opt = dataclasses.replace(OPT, grad_accum_steps=accum)
+    _, m = train.make_train_step(CFG, opt, mesh8, loss_fn=_hits_loss)(_put(host_state, mesh8, opt), batch)
+    assert float(m["hits"]) == want and float(m["tokens"]) == batch["loss_mask"].sum()
+
+
+def test_non_finite_step_is_skipped(host_state, mesh8):
+  """Defect 3: a NaN loss/gradient leaves params and optimizer state bitwise as they were; the step
+  counter advances and metrics["skipped"] says so."""
+  step = train.make_train_step(CFG, OPT, mesh8, loss_fn=_scaled_loss)
+  state = _put(host_state, mesh8)
+  state, m = step(state, {**make_batch(0), "scale": np.ones(B, np.float32)})
+  assert float(m["skipped"]) == 0.0
+  before = _host((state.params, state.opt_state))
+  poison = np.ones(B, np.float32)
+  poison[3] = np.nan
+  state, m = step(state, {**make_batch(1), "scale": poison})
+  assert float(m["skipped"]) == 1.0 and not np.isfinite(float(m["loss"]))
+  after = _host((state.params, state.opt_state))
+  for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before)):
+    np.testing.assert_array_equal(a, b)
+  assert int(state.step) == 2
+  state, m = step(state, {**make_batch(2), "scale": np.ones(B, np.float32)})
+  assert float(m["skipped"]) == 0.0 and np.isfinite(float(m["loss"]))
+  assert not np.array_equal(_host(state.params)["embedding"], before[0]["embedding"])
 
 
 def test_batch_and_seq_len_errors_name_the_flag(mesh8):
@@ -259,18 +325,6 @@ def test_batch_and_seq_len_errors_name_the_flag(mesh8):
     train.check_batch_shape(6, 16, CFG, OPT, mesh8)
   with pytest.raises(ConfigError, match="--grad_accum_steps"):
     train.check_batch_shape(8, 16, CFG, dataclasses.replace(OPT, grad_accum_steps=3), mesh8)
-
-
-def test_metrics_reader_reads_the_previous_step():
-  reader = train.MetricsReader(flops_per_token=1e6, n_devices=2, peak_flops_per_device=1e9)
-  assert reader.read(1, {"loss": jnp.float32(3.0)}, batch_tokens=100) is None
-  step, m = reader.read(2, {"loss": jnp.float32(2.0)}, batch_tokens=100)
-  assert step == 1 and m == {"loss": 3.0}  # no timing for the first (compiling) step
-  step, m = reader.flush()
-  assert step == 2 and m["loss"] == 2.0
-  assert m["tokens_per_s"] == pytest.approx(100 / m["step_time_s"])
-  assert m["mfu"] == pytest.approx(m["tokens_per_s"] * 1e6 / 2e9)
-  assert reader.flush() is None
 
 
 def test_cross_entropy_matches_float64_numpy():

@@ -1,0 +1,32 @@
+"""Held-out evaluation: the mean next-token loss over the first batches of a held-out set.
+
+It sits above training (it runs the eval step that training/step.py builds); the host loop calls it.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Callable, Iterable
+
+import jax
+import numpy as np
+
+Batch = dict[str, Any]
+
+
+def evaluate(eval_step, params, batches: Iterable[Batch]) -> float:
+  """Mean loss per counted token over `batches` (dispatches all batches, then syncs once)."""
+  sums = jax.device_get([eval_step(params, b) for b in batches])  # (loss_sum, aux) per batch
+  return float(sum(s for s, _ in sums) / max(sum(aux["tokens"] for _, aux in sums), 1.0))
+
+
+def heldout_loss(eval_step, params, eval_ds: Iterable[dict[str, np.ndarray]],
+                 to_global: Callable[[dict[str, np.ndarray]], Batch],
+                 max_batches: int) -> tuple[float, np.ndarray]:
+  """Held-out loss over the first `max_batches` batches, and the counts of the tokens it scored.
+
+  `eval_ds` yields global batches, the same on every process; `to_global` turns a global host batch
+  into global device arrays, each process feeding the rows its devices hold."""
+  batches = list(itertools.islice(eval_ds, max_batches))
+  loss = evaluate(eval_step, params, [to_global(b) for b in batches])
+  return loss, np.bincount(np.concatenate([b["targets"][b["loss_mask"] > 0] for b in batches]))
