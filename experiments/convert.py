@@ -59,7 +59,7 @@ def convert() -> None:
 
 def main(argv):
   if len(argv) > 1:
-    sys.exit(f"error: unexpected arguments {argv[1:]}; every setting is a --flag (see --help).")
+    sys.exit(f"error: unexpected arguments {argv[1:]}; give every setting as a flag, e.g. --input=DIR.")
   try:
     convert()
   except ConfigError as e:

@@ -20,15 +20,18 @@ from llama_jax.errors import ConfigError  # noqa: E402
 
 _CONFIG = flags.DEFINE_enum("config", "default", sorted(CONFIGS), "Named run config.")
 # Run-level overrides: each is a field of RunConfig; unset flags keep the config's value.
-_INT = ["steps", "batch_size", "seq_len", "seed", "mesh_data", "mesh_fsdp", "mesh_tensor", "log_every",
+_INT = ["steps", "batch_size", "seq_len", "seed", "mesh_data", "mesh_fsdp", "mesh_context", "mesh_tensor",
+        "log_every",
         "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints", "keep_period", "max_bad_steps",
         "corpus_vocab_size", "sample_tokens"]
-_STR = ["run_dir", "data_dir", "tokenizer", "text_field"]
+_STR = ["run_dir", "data_dir", "tokenizer", "text_field", "init_from"]
 _LIST = ["train_files", "eval_files"]
+_HELP = {"init_from": "Start a new run from existing weights: hf:/path, meta:/path or orbax:/path (the "
+                      "checkpoint fixes the model's shape; resharded onto the run's mesh)."}
 for name in _INT:
-  flags.DEFINE_integer(name, None, f"Override RunConfig.{name}.")
+  flags.DEFINE_integer(name, None, _HELP.get(name, f"Override RunConfig.{name}."))
 for name in _STR:
-  flags.DEFINE_string(name, None, f"Override RunConfig.{name}.")
+  flags.DEFINE_string(name, None, _HELP.get(name, f"Override RunConfig.{name}."))
 for name in _LIST:
   flags.DEFINE_list(name, None, f"Override RunConfig.{name} (comma-separated paths).")
 flags.DEFINE_list("train_weights", None, "Mixing weight per --train_files entry.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from jax.sharding import Mesh
@@ -27,6 +28,22 @@ def parse(spec: str) -> tuple[str, str]:
 def differences(loaded: ModelConfig, expect: ModelConfig) -> list[str]:
   return [f"{f} {getattr(loaded, f)!r} (checkpoint) vs {getattr(expect, f)!r} (run)"
           for f in SHAPE_FIELDS if getattr(loaded, f) != getattr(expect, f)]
+
+
+def read_config(spec: str) -> ModelConfig:
+  """The model config a checkpoint holds (no weights are read)."""
+  kind, path = parse(spec)
+  try:
+    return {"hf": hf.read_config, "meta": meta.read_config, "orbax": orbax.read_config}[kind](path)
+  except ConfigError as e:
+    raise ConfigError(f"--init_from={spec}: {e}") from None
+
+
+def adopt_shape(spec: str, run_model: ModelConfig) -> ModelConfig:
+  """`run_model` with the checkpoint's shape (SHAPE_FIELDS): the weights decide what the model is, the
+  run keeps its execution choices (dtypes, scan, remat, attention implementation, max_seq_len)."""
+  loaded = read_config(spec)
+  return dataclasses.replace(run_model, **{f: getattr(loaded, f) for f in SHAPE_FIELDS})
 
 
 def load_pretrained(spec: str, mesh: Mesh, *, expect: ModelConfig | None = None) -> tuple[ModelConfig, Any]:

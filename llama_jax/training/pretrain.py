@@ -23,6 +23,7 @@ from llama_jax.data import tokenizers as tokenizer_lib
 from llama_jax.errors import ConfigError
 from llama_jax.evals import heldout
 from llama_jax.inference import sample
+from llama_jax.interop import init_from
 from llama_jax.parallel import batching, sharding
 from llama_jax.training import checkpoint, loop, metrics as metrics_lib, preemption as preemption_lib
 from llama_jax.training import reporting, step as train
@@ -45,7 +46,11 @@ class RunConfig:
   seed: int = 0
   mesh_data: int = 1
   mesh_fsdp: int = -1
+  mesh_context: int = 1
   mesh_tensor: int = 1
+  # Start a new run from existing weights (continued pretraining, later stages): hf:/path, meta:/path or
+  # orbax:/path. The checkpoint fixes the model's shape; a resume continues from its own checkpoint.
+  init_from: str | None = None
   log_every: int = 25
   eval_every: int = 250
   eval_batches: int = 8
@@ -87,7 +92,7 @@ class RunConfig:
 
 # Settings that may change between a run and its resume: they do not change what is trained (`steps`
 # is the run's length; the schedule's length is optim.total_steps, compared). Everything else does.
-_HARMLESS = {"run_dir", "steps", "mesh_data", "mesh_fsdp", "mesh_tensor", "log_every", "eval_every",
+_HARMLESS = {"run_dir", "steps", "mesh_data", "mesh_fsdp", "mesh_context", "mesh_tensor", "init_from", "log_every", "eval_every",
              "eval_batches", "eval_files", "checkpoint_every", "keep_checkpoints", "keep_period",
              "max_bad_steps", "allow_config_change", "data_dir", "sample_prompts", "sample_tokens",
              # The same math, other memory/compute trade-offs:
@@ -175,11 +180,18 @@ def pretrain(run: RunConfig) -> dict:
   """Runs (or resumes) pretraining; returns the final metrics."""
   train_src, eval_src, tok = _sources(run)
   model_cfg = run.model
-  if model_cfg.vocab_size != tok.vocab_size:
+  if run.init_from:
+    # The weights decide the model's shape; the tokenizer must fit their embedding table.
+    model_cfg = init_from.adopt_shape(run.init_from, model_cfg)
+    if tok.vocab_size > model_cfg.vocab_size:
+      raise ConfigError(f"--init_from={run.init_from}: its vocabulary has {model_cfg.vocab_size} entries, "
+                        f"the tokenizer {tok.vocab_size}; use the tokenizer the weights were trained with.")
+  elif model_cfg.vocab_size != tok.vocab_size:
     # Pretraining starts from scratch: the embedding table takes the tokenizer's size.
     print(f"vocab_size {model_cfg.vocab_size} -> {tok.vocab_size} (the tokenizer's)", flush=True)
     model_cfg = dataclasses.replace(model_cfg, vocab_size=tok.vocab_size)
-  mesh = sharding.make_mesh(data=run.mesh_data, fsdp=run.mesh_fsdp, tensor=run.mesh_tensor)
+  mesh = sharding.make_mesh(data=run.mesh_data, fsdp=run.mesh_fsdp, context=run.mesh_context,
+                            tensor=run.mesh_tensor)
   sharding.validate(model_cfg, mesh)
   stages = run.stages or (Stage(0, run.batch_size, run.seq_len),)
   starts = stage_start_steps(stages)
@@ -227,7 +239,11 @@ def _train(run, ckpt, model_cfg, mesh, stages, stage_of, train_iterator, eval_ds
   else:
     stage = 0
     data_it = train_iterator(stage)
-    state = train.create_train_state(model_cfg, run.optim, mesh, jax.random.key(run.seed))
+    params = None
+    if run.init_from:
+      _, params = init_from.load_pretrained(run.init_from, mesh, expect=model_cfg)
+      print(f"initialized from {run.init_from}", flush=True)
+    state = train.create_train_state(model_cfg, run.optim, mesh, jax.random.key(run.seed), params=params)
   first = int(jax.device_get(state.step))  # the one sync before the loop
   train_step = train.make_train_step(model_cfg, run.optim, mesh)
   to_global = lambda batch: _global_batch(batch, mesh)

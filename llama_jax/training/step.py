@@ -73,11 +73,12 @@ def abstract_state(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, mesh: Mesh)
 
 
 def create_train_state(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, mesh: Mesh,
-                       rng: jax.Array) -> TrainState:
+                       rng: jax.Array, params: Any = None) -> TrainState:
   """Params and optimizer state created directly in their shards; `rng` seeds the init and the
-  state's key."""
+  state's key. `params` (already laid out on `mesh`, e.g. imported weights) replace the random init."""
   init_rng, state_rng = jax.random.split(rng)
-  params = params_lib.init_params(model_cfg, mesh, init_rng)
+  if params is None:
+    params = params_lib.init_params(model_cfg, mesh, init_rng)
   sh = state_shardings(model_cfg, opt_cfg, mesh)
   opt_state = jax.jit(make_optimizer(opt_cfg).init, out_shardings=sh.opt_state)(params)
   # A jitted copy, not device_put: with several processes device_put refuses a PRNG key for a sharding

@@ -181,3 +181,35 @@ def test_two_processes_train_checkpoint_and_resume(text_data, tmp_path):
   out = launch(18, port + 1 if port < 65535 else port - 1, "--allow_config_change")
   assert "resumed from" in out and "at step 12" in out
   assert sorted(_losses(run_dir)) == list(range(1, 19))
+
+
+# ----------------------------------------------------------------------------- --init_from
+def test_init_from_starts_the_run_from_imported_weights(text_data, tmp_path):
+  """A run from HF weights of another shape than its config's: the checkpoint fixes the model, the
+  params arrive resharded onto the run's mesh, and step 1 (learning rate 0 at the start of the warmup)
+  leaves them bitwise as imported."""
+  import jax
+
+  from llama_jax.interop import hf
+  from llama_jax.model import params as P
+  from llama_jax.parallel import sharding
+  from llama_jax.training import checkpoint, step as train
+
+  run = _run_config(text_data, tmp_path, steps=1, eval_files=(), sample_prompts=(), mesh_tensor=2)
+  source_cfg = dataclasses.replace(run.model, vocab_size=512, num_layers=3, mlp_dim=96)
+  one = sharding.make_mesh(data=1, fsdp=1, tensor=1, devices=jax.devices()[:1])
+  source = jax.device_get(P.init_params(source_cfg, one, jax.random.key(7)))
+  hf.save_hf(source, source_cfg, str(tmp_path / "hf"), dtype="float32")
+
+  with pytest.raises(ConfigError, match=r"--init_from='nope': expected hf:/path"):
+    runner.pretrain(dataclasses.replace(run, init_from="nope"))
+  runner.pretrain(dataclasses.replace(run, init_from=f"hf:{tmp_path / 'hf'}"))
+
+  mesh = sharding.make_mesh(data=1, fsdp=-1, tensor=2)
+  cfg = dataclasses.replace(run.model, vocab_size=512, num_layers=3, mlp_dim=96)
+  ckpt = checkpoint.Checkpointer(os.path.join(run.run_dir, "checkpoints"))
+  assert ckpt.all_steps() == [1]
+  state, _ = ckpt.restore(train.abstract_state(cfg, run.optim, mesh))
+  ckpt.close()
+  for want, got in zip(jax.tree.leaves(source), jax.tree.leaves(jax.device_get(state.params))):
+    np.testing.assert_array_equal(got, want)
