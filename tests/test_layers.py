@@ -18,9 +18,9 @@ ALLOWED = {
     "data": {"errors", "config", "parallel"},
     "interop": {"errors", "config", "parallel", "model"},
     "inference": {"errors", "config", "parallel", "model"},
-    "training": {"errors", "config", "parallel", "kernels", "model", "data", "interop", "inference"},
-    "evals": {"errors", "config", "parallel", "kernels", "model", "data", "interop", "inference",
-              "training"},
+    "evals": {"errors", "config", "parallel", "kernels", "model", "data", "inference"},
+    "training": {"errors", "config", "parallel", "kernels", "model", "data", "interop", "inference",
+                 "evals"},
 }
 
 

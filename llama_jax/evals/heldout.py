@@ -1,6 +1,7 @@
 """Held-out evaluation: the mean next-token loss over the first batches of a held-out set.
 
-It sits above training (it runs the eval step that training/step.py builds); the host loop calls it.
+It takes the eval step as a function and imports nothing of training, which calls it; needle-in-a-haystack
+and other evaluations join it here.
 """
 
 from __future__ import annotations

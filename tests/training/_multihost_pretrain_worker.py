@@ -41,12 +41,12 @@ from llama_jax.training import pretrain as runner  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
-def crossing_mesh(data: int, fsdp: int, tensor: int, devices=None) -> Mesh:
-  """(1, 4, 2); with 2 processes, tensor pair i = (process 0's device i, process 1's device i)."""
-  assert (data, fsdp, tensor) == (1, 4, 2), (data, fsdp, tensor)
+def crossing_mesh(*, data: int, fsdp: int, context: int = 1, tensor: int, devices=None) -> Mesh:
+  """(1, 4, 1, 2); with 2 processes, tensor pair i = (process 0's device i, process 1's device i)."""
+  assert (data, fsdp, context, tensor) == (1, 4, 1, 2), (data, fsdp, context, tensor)
   by_process = [[d for d in jax.devices() if d.process_index == i] for i in range(jax.process_count())]
   order = [d for group in zip(*by_process) for d in group]
-  return Mesh(np.asarray(order).reshape(1, 4, 2), sharding.MESH_AXES)
+  return Mesh(np.asarray(order).reshape(1, 4, 1, 2), sharding.MESH_AXES)
 
 
 def main():
@@ -63,8 +63,8 @@ def main():
       keep_checkpoints=20, log_every=100, sample_prompts=(),
       optim=dataclasses.replace(smoke.optim, total_steps=12, warmup_steps=2))
   if pid == 0:
-    mesh = crossing_mesh(1, 4, 2)
-    print("tensor pairs:", [[d.process_index for d in pair] for pair in mesh.devices[0]], flush=True)
+    mesh = crossing_mesh(data=1, fsdp=4, tensor=2)
+    print("tensor pairs:", [[d.process_index for d in pair] for pair in mesh.devices[0, :, 0]], flush=True)
   runner.pretrain(run)
 
 

@@ -43,9 +43,10 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 
-from llama_jax.training import checkpoint, optim, step as train  # noqa: E402
-from llama_jax import config as C
-from llama_jax.parallel import distributed, sharding
+from llama_jax.training import checkpoint, losses as losses_lib, optim, step as train  # noqa: E402
+from llama_jax import config as C  # noqa: E402
+from llama_jax.model import factory  # noqa: E402
+from llama_jax.parallel import distributed, sharding  # noqa: E402
 
 # Same numerics as tests/conftest.py: exact fp32 matmuls on CPU.
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -104,11 +105,25 @@ def main():
   mesh = sharding.make_mesh(fsdp=-1)  # fsdp over all 8 global devices
   train_step = train.make_train_step(CFG, OPT, mesh)
   state = train.create_train_state(CFG, OPT, mesh, jax.random.key(0))
+  # The gradients each step is about to apply: the test bounds the params' drift between layouts by them.
+  grad_fn = jax.jit(lambda p, b: train.accumulated_grads(factory.make_model(CFG), losses_lib.pretrain_loss,
+                                                          p, b, 1)[0])
+  grads = {}
 
-  losses = []
+  def record_grads(step, params, batch):
+    with sharding.use(mesh, sharding.logical_rules(CFG, mesh)):
+      g = grad_fn(params, batch)
+    for path, x in jax.tree_util.tree_flatten_with_path(g)[0]:
+      grads[f"grad{step}{jax.tree_util.keystr(path)}"] = np.asarray(
+          multihost_utils.process_allgather(x, tiled=True))
+
+  step_losses, lrs = [], []
   for step in range(STEPS_BEFORE_SAVE):
-    state, metrics = train_step(state, device_batch(step, mesh))
-    losses.append(metrics["loss"])  # replicated: every process can read it
+    batch = device_batch(step, mesh)
+    record_grads(step, state.params, batch)
+    state, metrics = train_step(state, batch)
+    step_losses.append(metrics["loss"])  # replicated: every process can read it
+    lrs.append(metrics["lr"])
 
   ckpt = checkpoint.Checkpointer(ARGS.ckpt_dir, save_interval_steps=1)
   assert ckpt.save(STEPS_BEFORE_SAVE, state, force=True)
@@ -120,9 +135,13 @@ def main():
 
   state = restored
   for step in range(STEPS_BEFORE_SAVE, STEPS_BEFORE_SAVE + STEPS_AFTER_RESTORE):
-    state, metrics = train_step(state, device_batch(step, mesh))
-    losses.append(metrics["loss"])
-  losses = [float(x) for x in jax.device_get(losses)]
+    batch = device_batch(step, mesh)
+    record_grads(step, state.params, batch)
+    state, metrics = train_step(state, batch)
+    step_losses.append(metrics["loss"])
+    lrs.append(metrics["lr"])
+  losses = [float(x) for x in jax.device_get(step_losses)]
+  lrs = [float(x) for x in jax.device_get(lrs)]
 
   # Every process assembles the whole params on host (a collective: all processes call it).
   flat, _ = jax.tree_util.tree_flatten_with_path(state.params)
@@ -131,10 +150,11 @@ def main():
   checksum = float(sum(np.sum(v, dtype=np.float64) for v in params.values()))
   abs_checksum = float(sum(np.sum(np.abs(v), dtype=np.float64) for v in params.values()))
   np.savez(ARGS.out_json + ".npz", **params)
+  np.savez(ARGS.out_json + ".grads.npz", **grads)
   with open(ARGS.out_json, "w") as f:
     json.dump({"process_index": jax.process_index(), "process_count": jax.process_count(),
                "device_count": jax.device_count(), "local_device_count": jax.local_device_count(),
-               "losses": losses, "losses_repr": [repr(x) for x in losses], "restore_ok": restore_ok,
+               "losses": losses, "lrs": lrs, "losses_repr": [repr(x) for x in losses], "restore_ok": restore_ok,
                "final_step": int(state.step), "param_checksum": checksum,
                "param_abs_checksum": abs_checksum}, f)
 

@@ -171,7 +171,7 @@ def test_two_processes_train_checkpoint_and_resume(text_data, tmp_path):
     return outs[0][0]
 
   out = launch(12, port)
-  assert "mesh {'data': 1, 'fsdp': 8, 'tensor': 1}" in out and "step     12 | held-out loss" in out
+  assert "mesh {'data': 1, 'fsdp': 8, 'context': 1, 'tensor': 1}" in out and "step     12 | held-out loss" in out
   data_dir = os.path.join(run_dir, "checkpoints", "12", "data")
   # One global data state (Orbax's JSON item), whatever the process count; no per-process files.
   assert not [f for f in os.listdir(data_dir) if f.startswith("process_")]
