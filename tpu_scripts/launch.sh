@@ -19,5 +19,7 @@ log="logs/$(q "$RUN_NAME").log"
 pid="logs/$(q "$RUN_NAME").pid"
 cmd="python experiments/$entry.py"
 if ((${#ARGS[@]} > 1)); then cmd+=" $(join_q "${ARGS[@]:1}")"; fi
-# </dev/null and the redirects let ssh return while the run keeps going.
-tpu_ssh all "cd $(q "$REMOTE_DIR") && . .venv/bin/activate && mkdir -p logs && nohup $cmd > $log 2>&1 < /dev/null & echo \$! > $pid"
+# Only the trainer goes to the background (the braces keep `&` off the cd/activate chain), so
+# $! is its pid (nohup execs python), the pid file lands in logs/, and with its output redirected
+# and stdin closed ssh returns at once while the run keeps going.
+tpu_ssh all "cd $(q "$REMOTE_DIR") && . .venv/bin/activate && mkdir -p logs && { nohup $cmd > $log 2>&1 < /dev/null & echo \$! > $pid; }"
