@@ -3,6 +3,7 @@ workers are directories on this machine, `ssh --command` runs there with a remot
 the launched program is a trainer stand-in that records its pid, flags and environment."""
 
 import os
+import re
 import select
 import shlex
 import signal
@@ -97,3 +98,56 @@ def test_logs_follows_the_trainers_log(cloud, tmp_path):
   finally:
     os.killpg(p.pid, signal.SIGKILL)
     p.communicate()
+
+
+# --- 2, 3. setup_tpu.sh: Python >= 3.11 on an image with 3.10, and only the runtime set -----------
+
+def pins(path):
+  return [l.split("#")[0].strip() for l in open(path) if l.split("#")[0].strip()]
+
+
+TEST_ONLY = ("torch", "transformers", "pytest", "ipykernel", "nbclient", "nbformat", "beartype")
+
+
+def test_setup_brings_python_311_and_installs_only_the_runtime_set(cloud):
+  repo, env = cloud
+  run(repo, "create_tpu.sh", env=env)
+  run(repo, "setup_tpu.sh", env=env, timeout=30)
+  jax_pin = next(p for p in pins(os.path.join(REPO, "requirements.txt")) if p.startswith("jax=="))
+  for home in worker_homes(env, "t1"):
+    venv = os.path.join(home, "llama_jax", ".venv")
+    version = subprocess.run([os.path.join(venv, "bin", "python"), "-c",
+                              "import sys; print(*sys.version_info[:2])"],
+                             capture_output=True, text=True).stdout.split()
+    assert [int(v) for v in version] >= [3, 11], f"{home}: venv Python {version}"
+    installed = open(os.path.join(venv, "installed.txt")).read().split("\n")
+    assert set(pins(os.path.join(REPO, "requirements.txt"))) <= set(installed)
+    assert jax_pin.replace("jax==", "jax[tpu]==") in installed  # libtpu matching the pinned jax
+    assert not [p for p in installed if p.split("=")[0].split("[")[0] in TEST_ONLY]
+    assert os.path.exists(os.path.join(home, "llama_jax", "experiments", "fake.py"))
+
+
+def test_requirements_split_runtime_and_test():
+  runtime = pins(os.path.join(REPO, "requirements.txt"))
+  test = pins(os.path.join(REPO, "requirements-test.txt"))
+  assert test[0] == "-r requirements.txt"
+  names = lambda ps: {p.split("==")[0].lower() for p in ps if "==" in p}  # noqa: E731
+  assert not names(runtime) & names(test[1:]), "a package pinned in both files"
+  assert not names(runtime) & set(TEST_ONLY)
+  assert set(TEST_ONLY) <= names(test)
+  assert all("==" in p for p in runtime + test[1:]), "every requirement is pinned"
+  # Every third-party module the library imports at module level is in the runtime set (lazy
+  # imports are optional paths: torch only reads Meta's .pth files in interop/weights.py).
+  from importlib.metadata import packages_distributions
+  dists = packages_distributions()
+  imported = set()
+  for base, _, files in os.walk(os.path.join(REPO, "llama_jax")):
+    for f in files:
+      if f.endswith(".py"):
+        for m in re.finditer(r"^(?:from|import)\s+([A-Za-z_]\w*)", open(os.path.join(base, f)).read(),
+                             re.M):
+          imported.add(m.group(1))
+  third_party = {d.lower().replace("_", "-") for mod in imported for d in dists.get(mod, [])}
+  runtime_names = {n.replace("_", "-") for n in names(runtime)}
+  # jaxlib and ml_dtypes come with jax.
+  assert third_party - {"jaxlib", "ml-dtypes", "llama-jax"} <= runtime_names, third_party - runtime_names

@@ -11,13 +11,14 @@
 : "${BRANCH:=main}"
 : "${REMOTE_DIR:=llama_jax}"             # relative to the home directory on each worker
 : "${RUN_NAME:=run}"                     # names the log and pid files of a launch
+: "${PYTHON_VERSION:=3.11}"              # the workers' venv (jax 0.10 needs >= 3.11; images have 3.10)
 : "${DRY_RUN:=0}"
 
 SCRIPTS_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO_ROOT="$(dirname "$SCRIPTS_DIR")"
 export SCRIPTS_DIR REPO_ROOT
 export TPU_NAME ZONE ACCELERATOR_TYPE RUNTIME_VERSION QUEUED_RESOURCE REPO_URL BRANCH \
-  REMOTE_DIR RUN_NAME DRY_RUN
+  REMOTE_DIR RUN_NAME PYTHON_VERSION DRY_RUN
 
 # Quote one word for a shell only when it needs it, so printed commands stay readable and exact.
 # A `--flag=value` word keeps its `--flag=` outside the quotes: --command='...'.
@@ -69,6 +70,9 @@ parse_args() {
   : "${PROJECT:=my-gcp-project}"
   export PROJECT DRY_RUN
 }
+
+# The jax version pinned in requirements.txt (jax[tpu] / jax[cuda12] must match it).
+pinned_jax() { sed -n 's/^jax==\([^ #]*\).*/\1/p' "$REPO_ROOT/requirements.txt"; }
 
 die() { echo "error: $*" >&2; echo >&2; usage >&2; exit 2; }
 
