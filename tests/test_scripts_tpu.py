@@ -151,3 +151,107 @@ def test_requirements_split_runtime_and_test():
   runtime_names = {n.replace("_", "-") for n in names(runtime)}
   # jaxlib and ml_dtypes come with jax.
   assert third_party - {"jaxlib", "ml-dtypes", "llama-jax"} <= runtime_names, third_party - runtime_names
+
+
+# --- 4. the runtime version follows the accelerator ------------------------------------------------
+
+def created_version(env):
+  (create,) = [c for c in calls(env) if c[3] == "create"]
+  return next(a.split("=", 1)[1] for a in create if a.startswith(("--version=", "--runtime-version=")))
+
+
+@pytest.mark.parametrize("accelerator, version", [
+    ("v6e-16", "v2-alpha-tpuv6e"), ("v5p-32", "v2-alpha-tpuv5"),
+    ("v5litepod-8", "v2-alpha-tpuv5-lite"), ("v4-8", "tpu-ubuntu2204-base")])
+def test_runtime_version_per_accelerator(cloud, accelerator, version):
+  repo, env = cloud
+  env = dict(env, ACCELERATOR_TYPE=accelerator)
+  out, _ = run(repo, "create_tpu.sh", "--dry-run", env=env)
+  assert f"--version={version}" in shlex.split(out)
+  run(repo, "create_tpu.sh", "--queued", env=env)
+  assert created_version(env) == version
+  # An explicit RUNTIME_VERSION wins.
+  out, _ = run(repo, "create_tpu.sh", "--dry-run", env=dict(env, RUNTIME_VERSION="custom-image"))
+  assert "--version=custom-image" in shlex.split(out)
+
+
+@pytest.mark.parametrize("accelerator", ["v7x-8", "tpu7x-8", "v5e-8", "v9-1"])
+def test_unknown_accelerator_is_an_error_listing_the_known_ones(cloud, accelerator):
+  repo, env = cloud
+  _, err = run(repo, "create_tpu.sh", env=dict(env, ACCELERATOR_TYPE=accelerator), rc=2)
+  assert f"ACCELERATOR_TYPE={accelerator}" in err
+  for known in ("v6e-", "v5p-", "v5litepod-", "v4-"):
+    assert known in err
+  assert not calls(env), "called gcloud with an unknown accelerator"
+
+
+# --- 7. first-time user: project, ssh flags, environment, key propagation, multislice ------------
+
+def test_no_project_is_an_error_and_gclouds_default_is_used(cloud):
+  repo, env = cloud
+  env = {k: v for k, v in env.items() if k != "PROJECT"}
+  _, err = run(repo, "create_tpu.sh", env=dict(env, FAKE_PROJECT=""), rc=2)
+  assert "PROJECT" in err and "gcloud config set project" in err
+  assert not [c for c in calls(env) if c[:2] == ["compute", "tpus"]]
+  run(repo, "create_tpu.sh", env=dict(env, FAKE_PROJECT="their-project"))
+  (create,) = [c for c in calls(env) if c[:2] == ["compute", "tpus"]]
+  assert "--project=their-project" in create
+
+
+def test_ssh_flags_reach_every_ssh_and_scp(cloud):
+  repo, env = cloud
+  env = dict(env, SSH_FLAGS="--internal-ip --strict-host-key-checking=no")
+  run(repo, "create_tpu.sh", env=env)
+  run(repo, "setup_tpu.sh", env=env, timeout=30)
+  run(repo, "launch.sh", "fake", env=env, timeout=15)
+  run(repo, "stop.sh", env=env)
+  remote = [c for c in calls(env) if c[3] in ("ssh", "scp")]
+  assert len(remote) >= 4
+  for c in remote:
+    assert "--internal-ip" in c and "--strict-host-key-checking=no" in c, c
+
+
+def test_environment_reaches_the_trainer(cloud, tmp_path):
+  repo, env = cloud
+  env = dict(env, LIBTPU_INIT_ARGS="--xla_tpu_enable_async_collective_fusion=true --x='a b'",
+             LLAMA_JAX_COORDINATOR_PORT="12345", MY_SETTING="it's mine", FORWARD_ENV="MY_SETTING")
+  run(repo, "create_tpu.sh", env=env)
+  prepare_workers(env, "t1", tmp_path)
+  run(repo, "launch.sh", "fake", env=env, timeout=15)
+  assert wait_for(lambda: len(running(env, "t1")) == 2)
+  for t in running(env, "t1").values():
+    for name in ("LIBTPU_INIT_ARGS", "LLAMA_JAX_COORDINATOR_PORT", "MY_SETTING"):
+      assert t["env"].get(name) == env[name], name
+
+
+def test_setup_waits_for_ssh_keys_to_propagate(cloud):
+  repo, env = cloud
+  run(repo, "create_tpu.sh", env=env)
+  harness.fail_next(env, "ssh", 2)  # the first two ssh calls after create are refused
+  run(repo, "setup_tpu.sh", env=env, timeout=30)
+  for home in worker_homes(env, "t1"):
+    assert os.path.exists(os.path.join(home, "llama_jax", ".venv", "installed.txt"))
+
+
+def test_multislice_two_slices_end_to_end(cloud):
+  repo, env = cloud
+  env = dict(env, NUM_SLICES="2")
+  run(repo, "multislice.sh", "create", env=env)
+  run(repo, "multislice.sh", "setup", env=env, timeout=30)
+  t0 = time.time()
+  run(repo, "multislice.sh", "launch", "fake", "--steps=7", env=env, timeout=15)
+  assert time.time() - t0 < 10
+  nodes = harness.state(env)["qrs"]["t1-qr"]["nodes"]
+  assert len(nodes) == 2
+  assert wait_for(lambda: all(len(running(env, n)) == 2 for n in nodes)), "not every worker runs"
+  for n in nodes:
+    for home, t in running(env, n).items():
+      assert t["argv"] == ["--steps=7"]
+      assert int(open(os.path.join(home, "llama_jax", "logs", "run.pid")).read()) == t["pid"]
+  # All slices through the queued resource, as Google's docs show: one ssh reaching every node.
+  launches = [c for c in calls(env) if c[3] == "ssh" and "experiments/fake.py" in str(c)]
+  assert len(launches) == 1 and launches[0][2] == "queued-resources" and "--node=all" in launches[0]
+  run(repo, "multislice.sh", "stop", env=env)
+  assert wait_for(lambda: not any(running(env, n) for n in nodes))
+  run(repo, "multislice.sh", "delete", env=env)
+  assert not harness.state(env)["qrs"]

@@ -15,15 +15,16 @@ parse_args "$@"
 
 dir="$(q "$REMOTE_DIR")"
 if [[ -n "$REPO_URL" ]]; then
+  tpu_warmup
   fetch="if [ -d $dir/.git ]; then git -C $dir fetch origin && git -C $dir checkout $(q "$BRANCH")"
   fetch+=" && git -C $dir reset --hard origin/$(q "$BRANCH"); else git clone --branch"
   fetch+=" $(q "$BRANCH") $(q "$REPO_URL") $dir; fi"
 else
   # Copy the working tree as it is (uncommitted edits included), without venvs or git history.
-  tarball="/tmp/${TPU_NAME}-llama_jax.tar.gz"
+  tarball="${TMPDIR:-/tmp}/${TPU_NAME}-llama_jax.tar.gz"
   run tar -czf "$tarball" -C "$REPO_ROOT" --exclude=.git --exclude=.venv --exclude=__pycache__ .
-  run gcloud compute tpus tpu-vm scp "$tarball" "$TPU_NAME:llama_jax.tar.gz" --zone="$ZONE" \
-    --project="$PROJECT" --worker=all
+  tpu_warmup
+  tpu_scp "$tarball" llama_jax.tar.gz
   fetch="mkdir -p $dir && tar -xzf llama_jax.tar.gz -C $dir"
 fi
 # One resolve for both, so jax[tpu] brings the libtpu that matches the pinned jax.

@@ -148,6 +148,8 @@ def main(argv):
         error("ssh: connect to host 10.0.0.2 port 22: Connection refused", 255)
       return ssh(homes(state, [name], flags.get("worker", "0")), flags["command"])
     elif verb == "scp":
+      if should_fail("ssh"):
+        error("scp: connect to host 10.0.0.2 port 22: Connection refused", 1)
       scp(homes(state, [name], flags.get("worker", "0")), pos[0], pos[1])
     else:
       error(f"unknown tpu-vm verb {verb}")
@@ -185,6 +187,8 @@ def main(argv):
         if should_fail("ssh"):
           error("ssh: connect to host 10.0.0.2 port 22: Connection refused", 255)
         return ssh(homes(state, nodes, flags.get("worker", "0")), flags["command"])
+      if should_fail("ssh"):
+        error("scp: connect to host 10.0.0.2 port 22: Connection refused", 1)
       scp(homes(state, nodes, flags.get("worker", "0")), pos[0], pos[1])
     else:
       error(f"unknown queued-resources verb {verb}")
