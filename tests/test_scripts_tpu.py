@@ -255,3 +255,75 @@ def test_multislice_two_slices_end_to_end(cloud):
   assert wait_for(lambda: not any(running(env, n) for n in nodes))
   run(repo, "multislice.sh", "delete", env=env)
   assert not harness.state(env)["qrs"]
+
+
+# --- 5. the preemption watcher -----------------------------------------------------------------
+
+CREATE_FLAGS = ["--spot", "--network=train-net", "--subnetwork=train-sub"]
+
+
+def test_watcher_recreates_the_same_machine_and_relaunches(cloud):
+  repo, env = cloud
+  run(repo, "create_tpu.sh", *CREATE_FLAGS, env=env)
+  first = harness.state(env)["nodes"]["t1"]["create_args"]
+  run(repo, "setup_tpu.sh", env=env, timeout=30)
+  run(repo, "launch.sh", "fake", "--run_dir=/mnt/ckpt", env=env, timeout=15)
+  assert wait_for(lambda: len(running(env, "t1")) == 2)
+  old = {t["pid"] for t in running(env, "t1").values()}
+  harness.set_state(env, node="t1", value="PREEMPTED")
+  # Check 1 sees PREEMPTED and recovers; check 2 sees READY; MAX_CHECKS=2 ends the watch.
+  _, err = run(repo, "relaunch_on_preemption.sh", *CREATE_FLAGS, "fake", "--run_dir=/mnt/ckpt",
+               env=dict(env, MAX_CHECKS="2"), timeout=40)
+  assert "PREEMPTED" in err
+  assert harness.state(env)["nodes"]["t1"]["create_args"] == first  # spot, network kept
+  assert wait_for(lambda: len(running(env, "t1")) == 2)
+  live = running(env, "t1")
+  assert len(live) == 2 and not {t["pid"] for t in live.values()} & old
+  for home, t in live.items():
+    assert t["argv"] == ["--run_dir=/mnt/ckpt"]
+    assert int(open(os.path.join(home, "llama_jax", "logs", "run.pid")).read()) == t["pid"]
+
+
+def test_watcher_survives_a_stockout_and_retries(cloud):
+  repo, env = cloud
+  run(repo, "create_tpu.sh", "--spot", env=env)
+  harness.set_state(env, node="t1", value="PREEMPTED")
+  harness.fail_next(env, "create", 2)  # two stockouts, then capacity
+  _, err = run(repo, "relaunch_on_preemption.sh", "--spot", "fake", env=dict(env, MAX_CHECKS="4"),
+               timeout=40)
+  assert err.count("RESOURCE_EXHAUSTED") == 2 and "retrying" in err
+  assert wait_for(lambda: len(running(env, "t1")) == 2), "no relaunch after the stockout"
+  assert "--spot" in harness.state(env)["nodes"]["t1"]["create_args"]
+
+
+def test_watcher_keeps_watching_when_describe_fails_transiently(cloud):
+  repo, env = cloud
+  run(repo, "create_tpu.sh", env=env)
+  # A describe that fails for another reason than NOT_FOUND must not delete a healthy TPU.
+  harness.set_state(env, node="t1", value="READY")
+  s = harness.state(env)
+  harness.fail_next(env, "describe", 1)  # e.g. a network error: not NOT_FOUND
+  run(repo, "relaunch_on_preemption.sh", "fake", env=dict(env, MAX_CHECKS="2"), timeout=20)
+  assert harness.state(env)["nodes"]["t1"] == s["nodes"]["t1"]
+  assert not [c for c in calls(env) if c[3] in ("delete", "ssh")]
+
+
+def test_watcher_stops_on_a_failed_queued_resource(cloud):
+  repo, env = cloud
+  run(repo, "create_tpu.sh", "--queued", "--spot", env=env)
+  harness.set_state(env, qr="t1-qr", value="FAILED")
+  _, err = run(repo, "relaunch_on_preemption.sh", "--queued", "--spot", "fake", env=env,
+               timeout=20, rc=None)
+  assert "FAILED" in err and "queued-resources describe t1-qr" in err
+  assert not [c for c in calls(env) if c[3] == "delete"], "a FAILED request was deleted"
+
+
+def test_watcher_recreates_a_suspended_queued_resource(cloud):
+  repo, env = cloud
+  run(repo, "create_tpu.sh", "--queued", "--spot", env=env)
+  harness.set_state(env, qr="t1-qr", value="SUSPENDED")
+  run(repo, "relaunch_on_preemption.sh", "--queued", "--spot", "fake", env=dict(env, MAX_CHECKS="2"),
+      timeout=40)
+  qr = harness.state(env)["qrs"]["t1-qr"]
+  assert qr["state"] == "ACTIVE" and "--spot" in qr["create_args"]
+  assert wait_for(lambda: len(running(env, "t1")) == 2)

@@ -4,7 +4,7 @@ Records every call (argv, one JSON line in $FAKE_GCLOUD_ROOT/calls.jsonl) and ke
 resources in state.json. `ssh --command=C` runs C with bash in each worker's directory
 (nodes/<node>/w<i>, also its $HOME) with a remote-like environment (none of the caller's variables),
 and like ssh returns only when C's output is closed. Tests steer it with files in the root:
-fail/<create|ssh> holds how many of the next such calls fail (a stockout, ssh keys not yet there);
+fail/<create|ssh|describe> holds how many of the next such calls fail (a stockout, ssh keys not yet there);
 qr_state_on_create is the state a new queued resource gets (default ACTIVE).
 """
 import json
@@ -135,6 +135,9 @@ def main(argv):
         error(f"ALREADY_EXISTS: node {name}")
       make_node(state, name, rest)
     elif verb == "describe":
+      if should_fail("describe"):
+        error("(gcloud.compute.tpus.tpu-vm.describe) There was a problem refreshing your current "
+              "auth tokens: Connection reset by peer")
       if name not in state["nodes"]:
         error(f"(gcloud.compute.tpus.tpu-vm.describe) NOT_FOUND: Resource 'nodes/{name}' was not "
               "found")
