@@ -67,6 +67,8 @@ parse_args() {
     esac
     shift
   done
+  export DRY_RUN
+  if [[ "${NO_GCLOUD:-0}" == 1 ]]; then return; fi  # slurm/: no Google Cloud project involved
   # No project baked in: PROJECT, else gcloud's configured one; a dry run calls no tool.
   if [[ -z "${PROJECT:-}" && "$DRY_RUN" != 1 ]] && command -v gcloud >/dev/null; then
     PROJECT="$(gcloud config get-value project 2>/dev/null || true)"

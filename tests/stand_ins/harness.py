@@ -121,3 +121,34 @@ def kill_all_trainers(env):
           os.kill(json.load(open(os.path.join(base, f)))["pid"], signal.SIGKILL)
         except (ProcessLookupError, ValueError):
           pass
+
+
+def slurm_env(tmp, cuda_plugin=True, **extra):
+  """sbatch/srun stand-ins on PATH, this test's Python as `python`, the real llama_jax importable,
+  and (cuda_plugin) a stand-in jax_cuda12_plugin as a CUDA jax install would have."""
+  bin_dir = tmp / "bin"
+  bin_dir.mkdir(parents=True, exist_ok=True)
+  for tool in ("sbatch", "srun"):
+    _install(f"{tool}.py", bin_dir / tool)
+  uv = _install("uv.py", bin_dir / "uv", REAL_PY=sys.executable, PY310="/bin/false")
+  paths = [REPO]
+  if cuda_plugin:
+    plugin = tmp / "site" / "jax_cuda12_plugin"
+    plugin.mkdir(parents=True, exist_ok=True)
+    (plugin / "__init__.py").write_text("")
+    paths.append(str(tmp / "site"))
+  env = {"PATH": os.pathsep.join([str(bin_dir), os.path.dirname(sys.executable), os.environ["PATH"]]),
+         "HOME": str(tmp), "TMPDIR": str(tmp), "PYTHONPATH": os.pathsep.join(paths)}
+  env.update(extra)
+  return env
+
+
+def slurm_repo(tmp, entry="fake"):
+  repo = fake_repo(tmp, entry)
+  shutil.copy(os.path.join(HERE, "slurm_trainer.py"), repo / "experiments" / f"{entry}.py")
+  return repo
+
+
+def tasks(repo):
+  d = repo / "tasks"
+  return {f[:-5]: json.load(open(d / f)) for f in os.listdir(d)} if d.exists() else {}

@@ -50,9 +50,9 @@ def main(args):
     bindir = os.path.join(target, "bin")
     os.makedirs(bindir, exist_ok=True)
     py = os.path.join(bindir, "python")
-    if os.path.lexists(py):
-      os.remove(py)
-    os.symlink(REAL_PY if new else PY310, py)
+    with open(py, "w") as f:  # exec keeps the pid: the trainer's pid is this python's
+      f.write(f'#!/bin/sh\nexec "{REAL_PY if new else PY310}" "$@"\n')
+    os.chmod(py, 0o755)
     with open(os.path.join(target, "stand-in.cfg"), "w") as f:
       f.write(f"version = {'3.11' if new else '3.10'}\n")
     with open(os.path.join(bindir, "activate"), "w") as f:
