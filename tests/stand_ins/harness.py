@@ -113,14 +113,24 @@ def alive(pid):
 
 
 def kill_all_trainers(env):
-  """Teardown: no trainer stand-in outlives its test."""
+  """Teardown: no trainer stand-in outlives its test (by its record, or by the pid file launch.sh
+  wrote, for one that started too late to write its record)."""
+  pids = set()
   for base, _, files in os.walk(env["FAKE_GCLOUD_ROOT"]):
     for f in files:
-      if f.startswith("trainer-") and f.endswith(".json"):
-        try:
-          os.kill(json.load(open(os.path.join(base, f)))["pid"], signal.SIGKILL)
-        except (ProcessLookupError, ValueError):
-          pass
+      path = os.path.join(base, f)
+      try:
+        if f.startswith("trainer-") and f.endswith(".json"):
+          pids.add(json.load(open(path))["pid"])
+        elif f.endswith(".pid") and os.path.basename(base) == "logs":
+          pids.add(int(open(path).read()))
+      except ValueError:
+        pass
+  for pid in pids:
+    try:
+      os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+      pass
 
 
 def slurm_env(tmp, cuda_plugin=True, **extra):

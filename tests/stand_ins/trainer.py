@@ -12,10 +12,12 @@ import time
 
 home = os.environ["HOME"]
 pid = os.getpid()
-with open(os.path.join(home, f"trainer-{pid}.json"), "w") as f:
+record = os.path.join(home, f"trainer-{pid}.json")
+with open(record + ".tmp", "w") as f:  # then renamed: a reader never sees half a record
   json.dump({"pid": pid, "argv": sys.argv[1:], "cwd": os.getcwd(),
              "python": list(sys.version_info[:2]),
              "env": {k: v for k, v in os.environ.items() if k not in ("PATH", "HOME", "PWD")}}, f)
+os.replace(record + ".tmp", record)
 print(f"trainer {pid} started: {' '.join(sys.argv[1:])}", flush=True)
 
 
