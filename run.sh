@@ -3,7 +3,8 @@
 # corpus (Shakespeare + Python stdlib) on this machine's CPU. Extra flags go to experiments/pretrain.py.
 set -euo pipefail
 cd "$(dirname "$0")"
-if [ ! -f .venv/.llama_jax_ready ] || [ requirements.txt -nt .venv/.llama_jax_ready ]; then
+if [ ! -f .venv/.llama_jax_ready ] || [ requirements.txt -nt .venv/.llama_jax_ready ] \
+    || [ requirements-test.txt -nt .venv/.llama_jax_ready ]; then
   echo "== setting up .venv (pinned requirements; first time takes a few minutes)"
   bash tools/setup_venv.sh
   touch .venv/.llama_jax_ready
