@@ -133,6 +133,14 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
+def from_dict(fields: dict) -> ModelConfig:
+  """A ModelConfig from `dataclasses.asdict` of one (e.g. read back from JSON)."""
+  fields = dict(fields)
+  if fields.get("rope_scaling") is not None:
+    fields["rope_scaling"] = RopeScaling(**fields["rope_scaling"])
+  return ModelConfig(**fields)
+
+
 def get_preset(name: str) -> ModelConfig:
   if name not in PRESETS:
     raise ConfigError(f"model preset {name!r} does not exist; choose one of {sorted(PRESETS)}.")

@@ -14,7 +14,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from llama_jax.config import ModelConfig, RopeScaling
+from llama_jax import config as config_lib
+from llama_jax.config import ModelConfig
 from llama_jax.errors import ConfigError
 from llama_jax.model import params as params_lib
 
@@ -46,9 +47,7 @@ def read_config(path: str) -> ModelConfig:
   try:
     with open(cfg_file) as f:
       fields = json.load(f)
-    if fields.get("rope_scaling") is not None:
-      fields["rope_scaling"] = RopeScaling(**fields["rope_scaling"])
-    return ModelConfig(**fields)
+    return config_lib.from_dict(fields)
   except (ValueError, TypeError) as e:
     if isinstance(e, ConfigError):
       raise

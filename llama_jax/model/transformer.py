@@ -10,7 +10,7 @@ Dimension key (Scaling Book letters; used in names, einsums and the sharding tab
 
 Query head n reads KV head n // G (contiguous groups, as in Meta's and HF's `repeat_kv`), hence the
 explicit K×G split of the query projection. RoPE uses the HF "rotate half" layout; Meta's consolidated
-weights are permuted on import (llama_jax/interop/weights.py) so both give the same scores.
+weights are permuted on import (llama_jax/interop/meta.py) so both give the same scores.
 """
 
 from __future__ import annotations

@@ -71,7 +71,10 @@ def run(*, state: Any, first_step: int, steps: int, train_step: Callable, data_i
     if ckpt.should_save(step) or step == steps:  # the last step is always saved
       record(reader.flush())  # this step's metrics decide whether it may be saved
       if bad.in_a_row:
-        print(f"step {step}: not saved (the last {bad.in_a_row} steps were non-finite)", flush=True)
+        # Conservative even at the last step: the params are finite (skipped updates), but they may be
+        # the ones that give non-finite losses; keep the older checkpoints instead of rotating them out.
+        print(f"step {step}: not saved (the last {bad.in_a_row} steps were non-finite); the last "
+              f"checkpoint is step {ckpt.latest_step()}", flush=True)
       else:
         ckpt.save(step, state, data_it, force=True)
     if evaluate is not None and (step % eval_every == 0 or step == steps):

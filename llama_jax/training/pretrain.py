@@ -17,6 +17,7 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
+from llama_jax import config as config_lib
 from llama_jax.config import ModelConfig
 from llama_jax.data import corpus, pipeline as data, stream as stream_lib
 from llama_jax.data import tokenizers as tokenizer_lib
@@ -72,8 +73,8 @@ class RunConfig:
   sample_tokens: int = 64
 
   def __post_init__(self):
-    for f in ("steps", "batch_size", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
-              "max_bad_steps"):
+    for f in ("steps", "batch_size", "log_every", "eval_every", "eval_batches", "checkpoint_every",
+              "keep_checkpoints", "max_bad_steps", "sample_tokens"):
       if getattr(self, f) < 1:
         raise ConfigError(f"--{f}={getattr(self, f)}: must be >= 1.")
     if self.keep_period is not None and self.keep_period < 1:
@@ -85,6 +86,9 @@ class RunConfig:
     if self.tokenizer and not self.train_files:
       raise ConfigError(f"--tokenizer needs --train_files (the embedded corpus under --data_dir brings its "
                         f"own tokenizer); give --train_files too, or drop --tokenizer={self.tokenizer}.")
+    if self.init_from and not self.train_files:
+      raise ConfigError(f"--init_from={self.init_from} needs --train_files and --tokenizer (the tokenizer the "
+                        "weights were trained with; the embedded corpus trains its own).")
     if self.train_weights and len(self.train_weights) != len(self.train_files):
       raise ConfigError(f"--train_weights has {len(self.train_weights)} values for "
                         f"{len(self.train_files)} --train_files; give one weight per file.")
@@ -101,8 +105,9 @@ _HARMLESS = {"run_dir", "steps", "mesh_data", "mesh_fsdp", "mesh_context", "mesh
 _FLAG = {"optim.peak_lr": "--lr", "optim.final_lr": "--final_lr", "optim.total_steps": "--steps",
          "optim.warmup_steps": "--warmup_steps", "model.dtype": "--dtype"}
 _TOP_LEVEL_FLAGS = {"batch_size", "seq_len", "seed", "stages", "train_files", "train_weights", "tokenizer",
-                    "restart_positions", "corpus_vocab_size"}
+                    "restart_positions", "corpus_vocab_size", "text_field"}
 CONFIG_FILE = "run_config.json"
+MODEL_FILE = "model_config.json"  # the model the run trains, with its shape as it started
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -131,8 +136,10 @@ def config_differences(saved: dict, now: dict) -> list[str]:
   return out
 
 
-def _check_and_save_config(run: RunConfig, run_dir: epath.Path, resuming: bool) -> None:
-  """On resume, compare with the config saved beside the checkpoints; then (process 0) save this one."""
+def _check_and_save_config(run: RunConfig, model_cfg: ModelConfig, run_dir: epath.Path,
+                           resuming: bool) -> None:
+  """On resume, compare with the config saved beside the checkpoints; then (process 0) save this one and
+  the model it trains (`model_config.json`: its shape may come from the tokenizer or --init_from)."""
   path = run_dir / CONFIG_FILE
   now = _as_json(run)
   if resuming and path.exists():
@@ -146,7 +153,15 @@ def _check_and_save_config(run: RunConfig, run_dir: epath.Path, resuming: bool) 
     multihost_utils.sync_global_devices("run_config.json read")
   if jax.process_index() == 0:
     run_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(now, indent=2))
+    _write_atomically(path, json.dumps(now, indent=2))
+    _write_atomically(run_dir / MODEL_FILE, json.dumps(dataclasses.asdict(model_cfg), indent=2))
+
+
+def _write_atomically(path: epath.Path, text: str) -> None:
+  # A kill mid-write must not leave a truncated file that the next resume cannot read.
+  tmp = path.parent / (path.name + ".tmp")
+  tmp.write_text(text)
+  tmp.replace(path)
 
 
 def _sources(run: RunConfig) -> tuple[list[data.Source], list[data.Source], Any]:
@@ -176,20 +191,46 @@ def _global_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
   return batching.global_batch({k: batch[k] for k in data.FEATURES}, mesh)
 
 
-def pretrain(run: RunConfig) -> dict:
-  """Runs (or resumes) pretraining; returns the final metrics."""
-  train_src, eval_src, tok = _sources(run)
-  model_cfg = run.model
+def _model_config(run: RunConfig, tok, run_dir: epath.Path, resuming: bool) -> ModelConfig:
+  """The model this run trains.
+
+  A new run: the config's model with the tokenizer's vocabulary, or the shape of the `--init_from`
+  weights. A resumed run: the shape saved beside its checkpoints when it started (`model_config.json`),
+  whatever `--init_from` says now (the checkpoint holds the weights; the source may be gone).
+  """
+  saved = run_dir / MODEL_FILE
+  if resuming and saved.exists():
+    shape = config_lib.from_dict(json.loads(saved.read_text()))
+    return dataclasses.replace(run.model, **{f: getattr(shape, f) for f in init_from.SHAPE_FIELDS})
   if run.init_from:
     # The weights decide the model's shape; the tokenizer must fit their embedding table.
-    model_cfg = init_from.adopt_shape(run.init_from, model_cfg)
+    model_cfg = init_from.adopt_shape(run.init_from, run.model)
     if tok.vocab_size > model_cfg.vocab_size:
       raise ConfigError(f"--init_from={run.init_from}: its vocabulary has {model_cfg.vocab_size} entries, "
                         f"the tokenizer {tok.vocab_size}; use the tokenizer the weights were trained with.")
-  elif model_cfg.vocab_size != tok.vocab_size:
+    return model_cfg
+  if run.model.vocab_size != tok.vocab_size:
     # Pretraining starts from scratch: the embedding table takes the tokenizer's size.
-    print(f"vocab_size {model_cfg.vocab_size} -> {tok.vocab_size} (the tokenizer's)", flush=True)
-    model_cfg = dataclasses.replace(model_cfg, vocab_size=tok.vocab_size)
+    print(f"vocab_size {run.model.vocab_size} -> {tok.vocab_size} (the tokenizer's)", flush=True)
+    return dataclasses.replace(run.model, vocab_size=tok.vocab_size)
+  return run.model
+
+
+def pretrain(run: RunConfig) -> dict:
+  """Runs (or resumes) pretraining; returns the final metrics."""
+  train_src, eval_src, tok = _sources(run)
+  # Local (made absolute: Orbax needs it) or a remote URL such as gs://; Orbax and the logs write there.
+  run_dir = epath.Path(run.run_dir if "://" in run.run_dir else os.path.abspath(run.run_dir))
+  ckpt = checkpoint.Checkpointer(str(run_dir / "checkpoints"), save_interval_steps=run.checkpoint_every,
+                                 max_to_keep=run.keep_checkpoints, keep_period=run.keep_period)
+  try:  # also on an error: the saves in flight (the last good checkpoint) complete
+    return _setup_and_train(run, ckpt, train_src, eval_src, tok, run_dir)
+  finally:
+    ckpt.close()
+
+
+def _setup_and_train(run, ckpt, train_src, eval_src, tok, run_dir) -> dict:
+  model_cfg = _model_config(run, tok, run_dir, resuming=ckpt.latest_step() is not None)
   mesh = sharding.make_mesh(data=run.mesh_data, fsdp=run.mesh_fsdp, context=run.mesh_context,
                             tensor=run.mesh_tensor)
   sharding.validate(model_cfg, mesh)
@@ -199,9 +240,6 @@ def pretrain(run: RunConfig) -> dict:
     train.check_batch_shape(st.batch_size, st.seq_len, model_cfg, run.optim, mesh)
   train.check_batch_shape(run.batch_size, run.seq_len, model_cfg, run.optim, mesh)
   stage_of = lambda steps_done: max(i for i, s in enumerate(starts) if s <= steps_done)
-
-  # Local (made absolute: Orbax needs it) or a remote URL such as gs://; Orbax and the logs write there.
-  run_dir = epath.Path(run.run_dir if "://" in run.run_dir else os.path.abspath(run.run_dir))
   cache = os.path.join(run.data_dir, "tokens")  # local: tokenized documents, keyed by file content
 
   # One global stream for the whole run (llama_jax/data/stream.py): every stage continues it where the
@@ -219,20 +257,15 @@ def pretrain(run: RunConfig) -> dict:
   eval_ds = (data.eval_dataset(eval_src, tok, seq_len=run.seq_len, batch_size=run.batch_size,
                                restart_positions=run.restart_positions, cache_dir=cache)
              if eval_src else None)
-  ckpt = checkpoint.Checkpointer(str(run_dir / "checkpoints"), save_interval_steps=run.checkpoint_every,
-                                 max_to_keep=run.keep_checkpoints, keep_period=run.keep_period)
-  try:
-    return _train(run, ckpt, model_cfg, mesh, stages, stage_of, train_iterator, eval_ds, tok, run_dir)
-  finally:  # also on an error: the saves in flight (the last good checkpoint) complete
-    ckpt.close()
+  return _train(run, ckpt, model_cfg, mesh, stages, stage_of, train_iterator, eval_ds, tok, run_dir)
 
 
 def _train(run, ckpt, model_cfg, mesh, stages, stage_of, train_iterator, eval_ds, tok, run_dir) -> dict:
   nproc, pid = jax.process_count(), jax.process_index()
   latest = ckpt.latest_step()
-  _check_and_save_config(run, run_dir, resuming=latest is not None)
+  _check_and_save_config(run, model_cfg, run_dir, resuming=latest is not None)
   if latest is not None:
-    # The saved iterator is the one of the stage that ran the checkpoint's last step.
+    # One stream for every stage: the stage only fixes the row shape the restored position continues in.
     stage = stage_of(max(latest - 1, 0))
     state, data_it = ckpt.restore(train.abstract_state(model_cfg, run.optim, mesh), train_iterator(stage))
     print(f"resumed from {run.run_dir} at step {latest}", flush=True)

@@ -213,3 +213,11 @@ def test_init_from_starts_the_run_from_imported_weights(text_data, tmp_path):
   ckpt.close()
   for want, got in zip(jax.tree.leaves(source), jax.tree.leaves(jax.device_get(state.params))):
     np.testing.assert_array_equal(got, want)
+
+  # The resume continues from the run's own checkpoint, with the shape saved when it started: the flag
+  # may be dropped (or its source gone).
+  runner.pretrain(dataclasses.replace(run, steps=2))
+  assert checkpoint.Checkpointer(os.path.join(run.run_dir, "checkpoints")).all_steps() == [1, 2]
+  # The embedded corpus trains its own tokenizer, which imported weights never share.
+  with pytest.raises(ConfigError, match="--init_from=hf:x needs --train_files and --tokenizer"):
+    dataclasses.replace(run, init_from="hf:x", train_files=(), tokenizer=None)
