@@ -65,7 +65,10 @@ def test_committed_notebook_is_valid_and_clear():
 def test_quickstart_runs_and_learns(data_dir, jupyter_home, tmp_path):
   nb = nbformat.read(NOTEBOOK, as_version=4)
   _inject_parameters(nb)
+  # PYTHONPATH: the kernel runs in another directory; it must import this checkout's llama_jax, not an
+  # installed one (an editable install of another checkout would test that checkout's code).
   env = {**os.environ, "LLAMA_JAX_DATA_DIR": data_dir, "JAX_PLATFORMS": "cpu",
+         "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])),
          # Two devices: the mesh, the sharded state and the checkpoint restore are not all trivial.
          "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
   run_dir = tmp_path / "cwd"

@@ -1,29 +1,13 @@
-"""The grain input pipeline: documents -> token ids -> packed rows of T tokens -> mixed, sharded batches.
+"""Documents: files -> token ids, one int32 array (BOS ... EOS) per document, as a grain MapDataset.
 
 Sources: plain-text files (a file is a document), JSONL (a line's `field`, default "text", is a
 document) and ArrayRecord (a record is one UTF-8 document, read lazily). Text and JSONL are tokenized once
 and cached as `.npz` under `cache_dir`, keyed by the file's hash and the tokenizer's.
 
-Packing concatenates documents, as the paper's pretraining does, and splits them at row ends
-(concat-then-split): no token is dropped and no padding is spent except at the end of a finite stream. A
-split document's continuation opens a new segment; with `restart_positions` its positions restart at 0,
-since under the document mask [P §3.2] it cannot see its first part anyway. Every row carries, all [T]:
-  inputs       token ids (pad_id on padding)
-  targets      next token of the same document; at a row end that is the first token of the next row
-  segment_ids  1, 2, 3, ... per document chunk in the row, 0 on padding
-  positions    0.. per segment (restart_positions) or 0..T-1 across the row
-  loss_mask    1 where `targets` is a real next token: 0 on a document's last token and on padding
-and `source_id` []: index of the source that filled the row. Mixing picks whole rows, so weights are
-shares of tokens (the paper's data mix is stated in tokens) and can be checked by counting `source_id`.
-
-The pretraining runner does not use `train_dataset`: it reads `llama_jax/data/stream.py`'s one global
-stream (the same rows whatever the process layout, one JSON state, stages that continue it). This file's
-packer is that stream's reference in the tests; `train_dataset` shards documents by process.
-
-State: `it = iter(train_dataset(...))`; `it.get_state()` is a JSON-able dict and `it.set_state(s)` on
-a fresh iterator resumes with exactly the same batches. Orbax: `grain.checkpoint.CheckpointSave(it)` /
-`grain.checkpoint.CheckpointRestore(it)` as an item of `ocp.args.Composite` (handler
-`grain.checkpoint.CheckpointHandler`).
+Grain is the document source layer only: `documents()` returns a `grain.MapDataset` over the cached token
+arrays or the ArrayRecord file. Packing documents into rows, mixing sources and the held-out pass are
+`llama_jax/data/stream.py`'s (`TrainStream`, `HeldOut`): one global stream whose rows and JSON state do not
+depend on the process layout.
 """
 
 from __future__ import annotations
@@ -32,8 +16,7 @@ import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Literal
 
 import grain
 import numpy as np
@@ -42,7 +25,6 @@ from llama_jax.errors import ConfigError
 from llama_jax.data.tokenizers import Tokenizer
 
 Format = Literal["auto", "text", "jsonl", "array_record"]
-FEATURES = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,190 +155,3 @@ def _array_record_docs(path: str, tokenizer: Tokenizer, flag: str) -> grain.MapD
 
   # Lazy: ArrayRecord is for corpora too big to tokenize up front.
   return grain.MapDataset.source(src).map_with_index(tokenize)
-
-
-class _PackIterator(grain.DatasetIterator):
-  """Concat-then-split packing; its state is the parent's state at the current document + an offset."""
-
-  def __init__(self, parent: grain.DatasetIterator, seq_len: int, pad_id: int, restart_positions: bool):
-    super().__init__(parent)
-    self._seq_len, self._pad_id, self._restart = seq_len, pad_id, restart_positions
-    self._doc: dict | None = None  # the document being split across rows
-    self._doc_pos = 0
-    self._doc_state: Any = None
-
-  def _next_doc(self) -> dict | None:
-    while True:
-      state = self._parent.get_state()
-      try:
-        doc = next(self._parent)
-      except StopIteration:
-        return None
-      if len(doc["tokens"]):
-        self._doc, self._doc_pos, self._doc_state = doc, 0, state
-        return doc
-
-  def __next__(self) -> dict[str, np.ndarray]:
-    T = self._seq_len
-    row = {k: np.zeros(T, np.int32) for k in FEATURES}
-    row["inputs"][:] = self._pad_id
-    row["targets"][:] = self._pad_id
-    source_id, n, seg = -1, 0, 0
-    while n < T:
-      doc = self._doc or self._next_doc()
-      if doc is None:
-        break
-      toks, p = doc["tokens"], self._doc_pos
-      take = min(T - n, len(toks) - p)
-      seg += 1
-      if source_id < 0:
-        source_id = int(doc["source_id"])
-      row["inputs"][n:n + take] = toks[p:p + take]
-      row["segment_ids"][n:n + take] = seg
-      row["positions"][n:n + take] = np.arange(take) if self._restart else np.arange(n, n + take)
-      # Targets run to the document's next token, even when that token opens the next row.
-      nxt = toks[p + 1:p + take + 1]
-      row["targets"][n:n + len(nxt)] = nxt
-      row["loss_mask"][n:n + len(nxt)] = 1
-      n += take
-      self._doc_pos = p + take
-      if self._doc_pos == len(toks):
-        self._doc = None
-    if n == 0:
-      raise StopIteration
-    return {**row, "source_id": np.int32(source_id)}
-
-  def get_state(self) -> dict:
-    if self._doc is None:
-      return {"parent": self._parent.get_state(), "doc_pos": 0}
-    return {"parent": self._doc_state, "doc_pos": self._doc_pos}
-
-  def set_state(self, state: dict):
-    self._parent.set_state(state["parent"])
-    self._doc = None
-    if state["doc_pos"]:
-      self._next_doc()
-      self._doc_pos = state["doc_pos"]
-
-
-class PackIterDataset(grain.IterDataset):
-  """Packs a stream of {"tokens", "source_id"} documents into rows of `seq_len` (see module doc)."""
-
-  def __init__(self, parent: grain.IterDataset, seq_len: int, pad_id: int, restart_positions: bool = True):
-    super().__init__(parent)
-    self._seq_len, self._pad_id, self._restart = seq_len, pad_id, restart_positions
-
-  def __iter__(self) -> _PackIterator:
-    return _PackIterator(self._parent.__iter__(), self._seq_len, self._pad_id, self._restart)
-
-
-def _check(seq_len: int, batch_size: int, process_index: int, process_count: int):
-  if not isinstance(seq_len, int) or seq_len < 2:
-    raise ConfigError(f"--seq_len={seq_len}: must be an integer >= 2 (a row needs an input and a target).")
-  if not isinstance(batch_size, int) or batch_size < 1:
-    raise ConfigError(f"--batch_size={batch_size}: must be a positive integer (rows per process).")
-  if not 0 <= process_index < process_count:
-    raise ConfigError(f"process_index={process_index} must be in [0, process_count={process_count}).")
-
-
-def _shard(docs: grain.MapDataset, process_index: int, process_count: int, flag: str, i: int):
-  docs = docs[process_index::process_count]
-  if len(docs) == 0:
-    raise ConfigError(f"{flag}: source {i} has fewer documents than processes ({process_count}); "
-                      "every process needs at least one.")
-  return docs
-
-
-def _read_options(read_threads: int) -> grain.ReadOptions:
-  return grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(1, 64 * read_threads))
-
-
-def _with_source_id(docs: grain.MapDataset, i: int) -> grain.MapDataset:
-  return docs.map(lambda t: {"tokens": t, "source_id": np.int32(i)})
-
-
-def train_dataset(
-    sources: Sequence[Source],
-    tokenizer: Tokenizer,
-    *,
-    seq_len: int,
-    batch_size: int,
-    seed: int = 0,
-    shuffle: bool = True,
-    num_epochs: int | None = None,
-    process_index: int = 0,
-    process_count: int = 1,
-    restart_positions: bool = True,
-    cache_dir: str | None = None,
-    read_threads: int = 0,
-) -> grain.IterDataset:
-  """Batches of [batch_size, seq_len] int32 arrays (and source_id [batch_size]) for one process.
-
-  Each process reads a disjoint 1/process_count of every source's documents. Documents are shuffled by
-  `seed` (a new order each epoch), repeated `num_epochs` times (None: forever), packed per source, and
-  rows are mixed by the sources' weights. A finite run stops when its first source runs out.
-  `read_threads` > 0 prefetches documents in threads: worth it only for ArrayRecord on slow storage, as
-  cached token arrays are in memory and per-element thread hand-offs cost more than they save.
-  """
-  _check(seq_len, batch_size, process_index, process_count)
-  if not sources:
-    raise ConfigError("--train_files: give at least one training file.")
-  weights = [float(s.weight) for s in sources]
-  if any(not np.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
-    raise ConfigError(f"--train_weights={weights}: mixing weights must be finite, >= 0 and sum to > 0.")
-  packed, kept = [], []
-  for i, (src, w) in enumerate(zip(sources, weights)):
-    if w == 0:
-      continue  # an explicit 0 turns a source off; grain's mix refuses zero proportions
-    docs = _shard(documents(src, tokenizer, cache_dir, "--train_files"), process_index, process_count,
-                  "--train_files", i)
-    if shuffle:
-      docs = docs.shuffle(seed=(seed * 1_000_003 + i) % 2**32)
-    docs = docs.repeat(num_epochs)
-    docs = _with_source_id(docs, i).to_iter_dataset(_read_options(read_threads))
-    rows = PackIterDataset(docs, seq_len, tokenizer.pad_id, restart_positions)
-    packed.append(rows)
-    kept.append(w)
-  ds = packed[0] if len(packed) == 1 else grain.IterDataset.mix(packed, kept)
-  return ds.batch(batch_size, drop_remainder=True)
-
-
-def eval_dataset(
-    sources: Sequence[Source],
-    tokenizer: Tokenizer,
-    *,
-    seq_len: int,
-    batch_size: int,
-    process_index: int = 0,
-    process_count: int = 1,
-    restart_positions: bool = True,
-    cache_dir: str | None = None,
-    read_threads: int = 0,
-) -> grain.IterDataset:
-  """Every held-out document of this process once, in file order, packed; the last batch is padded.
-
-  Padded rows have segment_ids 0 and loss_mask 0, so a sum of losses over all batches is exact.
-  """
-  _check(seq_len, batch_size, process_index, process_count)
-  if not sources:
-    raise ConfigError("--eval_files: give at least one held-out file.")
-  docs = grain.MapDataset.concatenate([
-      _with_source_id(_shard(documents(s, tokenizer, cache_dir, "--eval_files"), process_index,
-                             process_count, "--eval_files", i), i)
-      for i, s in enumerate(sources)])
-  rows = PackIterDataset(docs.to_iter_dataset(_read_options(read_threads)), seq_len, tokenizer.pad_id,
-                         restart_positions)
-  return rows.batch(batch_size, drop_remainder=False).map(
-      lambda b: _pad_batch(b, batch_size, tokenizer.pad_id))
-
-
-def _pad_batch(batch: dict[str, np.ndarray], batch_size: int, pad_id: int) -> dict[str, np.ndarray]:
-  """Fills a short last batch with empty rows so every batch has one shape (one compiled eval step)."""
-  n = len(batch["inputs"])
-  if n == batch_size:
-    return batch
-  out = {}
-  for k, v in batch.items():
-    fill = pad_id if k in ("inputs", "targets") else (-1 if k == "source_id" else 0)
-    out[k] = np.concatenate([v, np.full((batch_size - n, *v.shape[1:]), fill, v.dtype)])
-  return out

@@ -1,17 +1,31 @@
-"""The training stream: one global, process-independent sequence of packed rows.
+"""Packed rows: the one packer, the training stream that mixes its rows, and the held-out pass.
+
+Documents come from `pipeline.documents` (a grain MapDataset of int32 token arrays per source, read from
+cached token arrays or lazily from ArrayRecord); everything from documents to batches happens here.
+
+Packing concatenates documents, as the paper's pretraining does, and splits them at row ends
+(concat-then-split): no token is dropped and no padding is spent except at the end of the held-out pass.
+A split document's continuation opens a new segment; with `restart_positions` its positions restart at 0,
+since under the document mask [P §3.2] it cannot see its first part anyway. Every row carries, all [T]:
+  inputs       token ids (pad_id on padding)
+  targets      next token of the same document; at a row end that is the first token of the next row
+  segment_ids  1, 2, 3, ... per document chunk in the row, 0 on padding
+  positions    0.. per segment (restart_positions) or 0..T-1 across the row
+  loss_mask    1 where `targets` is a real next token: 0 on a document's last token and on padding
+and `source_id` []: index of the source that filled the row (-1 on an empty row).
 
 Why not a grain pipeline per process: a per-process pipeline makes the data a function of the process
 layout. Processes holding the same batch shard (a tensor group across hosts) would read different rows,
 a checkpoint would hold one iterator state per process (unreadable on another process count), and a new
 batch/sequence stage would need a new pipeline, i.e. a fresh shuffle that replays the first documents.
 
-Here the stream is a deterministic function of (sources, weights, seed) alone:
+Here the training stream is a deterministic function of (sources, weights, seed) alone:
   - each source's documents are visited in a permutation drawn from (seed, source, epoch), epoch after
     epoch;
-  - rows are packed concat-then-split from that document order, exactly as `pipeline.PackIterDataset`
-    does (same features, same targets across row ends, same segment ids and positions);
+  - rows are packed concat-then-split from that document order (above);
   - each row comes from one source, chosen deterministically: the source whose token count is furthest
-    below its weight's share (weights are shares of tokens, as the paper states its mix, across stages).
+    below its weight's share (weights are shares of tokens, as the paper states its mix, across stages;
+    a weight of 0 turns a source off).
 Its state is global and small: per source (epoch, index in the permutation, offset in that document),
 and row tokens drawn per source. Every process walks the same state for the whole global batch, but fills
 (tokenizes, copies) only the rows it holds (`rows=`), so the only per-host cost that grows with the global
@@ -22,19 +36,39 @@ batch is the bookkeeping of a few integers per row. Consequences:
   - a new stage asks for another (batch_size, seq_len) from the same state: the packer continues at the
     document and token where the previous stage stopped; nothing is replayed or skipped.
 A source whose documents are read lazily (ArrayRecord) is tokenized for its lengths on every process.
+
+The held-out pass (`HeldOut`) is the same packer over the held-out sources' documents concatenated in
+file order, not shuffled, for one epoch: every document once, the last batch padded with empty rows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
-from llama_jax.data.pipeline import FEATURES
+from llama_jax.data import pipeline
+from llama_jax.data.tokenizers import Tokenizer
 from llama_jax.errors import ConfigError
 
 STATE_VERSION = 1
+FEATURES = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+
+
+def _check_shape(batch_size: int, seq_len: int) -> None:
+  if not isinstance(seq_len, (int, np.integer)) or seq_len < 2:
+    raise ConfigError(f"--seq_len={seq_len}: must be an integer >= 2 (a row needs an input and a target).")
+  if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+    raise ConfigError(f"--batch_size={batch_size}: must be a positive integer (rows per global batch).")
+
+
+def _empty_batch(batch_size: int, seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
+  """`batch_size` empty rows: pad tokens, segment 0, no loss, source -1."""
+  out = {k: np.zeros((batch_size, seq_len), np.int32) for k in FEATURES}
+  out["inputs"][:] = out["targets"][:] = pad_id
+  out["source_id"] = np.full(batch_size, -1, np.int32)
+  return out
 
 
 class TrainStream:
@@ -42,8 +76,10 @@ class TrainStream:
 
   def __init__(self, docs_per_source: Sequence[Any], weights: Sequence[float], *, seed: int, pad_id: int,
                restart_positions: bool = True, shuffle: bool = True):
+    if not docs_per_source:
+      raise ConfigError("--train_files: give at least one training file.")
     weights = [float(w) for w in weights]
-    if len(weights) != len(docs_per_source) or not docs_per_source:
+    if len(weights) != len(docs_per_source):
       raise ConfigError("--train_weights: give one weight per --train_files entry.")
     if any(not np.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
       raise ConfigError(f"--train_weights={weights}: mixing weights must be finite, >= 0 and sum to > 0.")
@@ -55,6 +91,14 @@ class TrainStream:
     self._orders: dict[int, tuple[int, np.ndarray]] = {}  # source -> (epoch, permutation)
     self.set_state(self.initial_state())
     self.last_spans: list[list[tuple[int, int, int, int]]] = []  # per row: (source, doc, start, take)
+
+  @classmethod
+  def from_sources(cls, sources: Sequence[pipeline.Source], tokenizer: Tokenizer, *, seed: int = 0,
+                   restart_positions: bool = True, cache_dir: str | None = None) -> "TrainStream":
+    """The stream of `sources` (files, weights) tokenized by `tokenizer`; see `pipeline.documents`."""
+    return cls([pipeline.documents(s, tokenizer, cache_dir, "--train_files") for s in sources],
+               [s.weight for s in sources], seed=seed, pad_id=tokenizer.pad_id,
+               restart_positions=restart_positions)
 
   # ----------------------------------------------------------------------------- state
   def initial_state(self) -> dict:
@@ -92,10 +136,13 @@ class TrainStream:
     if p["index"] == len(self._docs[i]):
       p["epoch"], p["index"] = p["epoch"] + 1, 0
 
-  def _row_spans(self, i: int, seq_len: int) -> list[tuple[int, int, int, int]]:
-    """(source, doc, start, take) chunks filling one row of source i; advances the position."""
-    spans, n, empty_run = [], 0, 0
-    while n < seq_len:
+  def _row_spans(self, i: int, seq_len: int, stop_at_epoch_end: bool = False
+                 ) -> list[tuple[int, int, int, int]]:
+    """(source, doc, start, take) chunks filling one row of source i; advances the position.
+
+    With `stop_at_epoch_end` the row ends early (shorter than seq_len) where source i's epoch ends."""
+    spans, n, empty_run, epoch = [], 0, 0, self._pos[i]["epoch"]
+    while n < seq_len and not (stop_at_epoch_end and self._pos[i]["epoch"] != epoch):
       d, start = self._doc_id(i), self._pos[i]["offset"]
       length = len(self._docs[i][d])
       if length == 0:  # an empty document holds nothing to pack
@@ -124,14 +171,12 @@ class TrainStream:
                  ) -> dict[str, np.ndarray]:
     """The next global batch: [batch_size, seq_len] arrays of FEATURES and source_id [batch_size].
 
-    Only the rows in `rows` (default: all) are filled; the others are zeros and must not be read.
+    Only the rows in `rows` (default: all) are filled; the others are empty and must not be read.
     """
-    if seq_len < 2 or batch_size < 1:
-      raise ConfigError(f"--batch_size={batch_size} x --seq_len={seq_len}: need batch >= 1 and seq >= 2.")
+    _check_shape(batch_size, seq_len)
     wanted = np.zeros(batch_size, bool)
     wanted[np.arange(batch_size) if rows is None else np.asarray(rows, np.int64)] = True
-    out = {k: np.zeros((batch_size, seq_len), np.int32) for k in FEATURES}
-    out["source_id"] = np.full(batch_size, -1, np.int32)
+    out = _empty_batch(batch_size, seq_len, self._pad_id)
     self.last_spans = []
     for r in range(batch_size):
       i = self._pick_source(seq_len)
@@ -142,8 +187,23 @@ class TrainStream:
         self._fill(out, r, spans)
     return out
 
+  def _epoch_batches(self, batch_size: int, seq_len: int) -> Iterator[dict[str, np.ndarray]]:
+    """Batches of the rest of source 0's epoch; the last row ends with the epoch and the last batch is
+    filled up with empty rows (segment_ids 0, loss_mask 0), so every batch has one shape."""
+    _check_shape(batch_size, seq_len)
+    epoch = self._pos[0]["epoch"]
+    while self._pos[0]["epoch"] == epoch:
+      out, r = _empty_batch(batch_size, seq_len, self._pad_id), 0
+      while r < batch_size and self._pos[0]["epoch"] == epoch:
+        spans = self._row_spans(0, seq_len, stop_at_epoch_end=True)
+        if spans:  # none only when the epoch ended in empty documents
+          self._fill(out, r, spans)
+          r += 1
+      if r:
+        yield out
+
   def _fill(self, out: dict[str, np.ndarray], r: int, spans) -> None:
-    out["inputs"][r] = out["targets"][r] = self._pad_id
+    """Row r of `out` (empty) from the chunks `spans`: the one packer of training and held-out rows."""
     out["source_id"][r] = spans[0][0]
     n = 0
     for seg, (i, d, p, take) in enumerate(spans, 1):
@@ -185,3 +245,47 @@ def restore_state(iterator: Any, state: dict) -> Any:
   """Sets a restored global data state on `iterator` (a `Batches`) and returns it."""
   iterator.set_state(state)
   return iterator
+
+
+class _Chained:
+  """The documents of several sources as one sequence, source after source."""
+
+  def __init__(self, parts: Sequence[Any]):
+    self._parts = list(parts)
+    self._ends = np.cumsum([len(p) for p in self._parts])
+
+  def __len__(self) -> int:
+    return int(self._ends[-1]) if len(self._ends) else 0
+
+  def __getitem__(self, d: int) -> Any:
+    k = int(np.searchsorted(self._ends, d, side="right"))
+    return self._parts[k][d - (int(self._ends[k - 1]) if k else 0)]
+
+
+class HeldOut:
+  """Every held-out document once, in file order (source after source), packed as the training rows are,
+  in [batch_size, seq_len] batches; the last batch is padded with empty rows (segment_ids 0, loss_mask 0,
+  source_id -1), so a sum of losses over all batches is exact. Each `iter()` is a fresh pass, the same on
+  every process. Rows may span two sources and carry source_id 0 (the sources are one concatenation)."""
+
+  def __init__(self, docs_per_source: Sequence[Any], *, batch_size: int, seq_len: int, pad_id: int,
+               restart_positions: bool = True):
+    if not docs_per_source:
+      raise ConfigError("--eval_files: give at least one held-out file.")
+    _check_shape(batch_size, seq_len)
+    self._docs = _Chained(docs_per_source)
+    if len(self._docs) == 0:
+      raise ConfigError("--eval_files: the held-out files hold no documents.")
+    self.batch_size, self.seq_len, self._pad_id, self._restart = batch_size, seq_len, pad_id, restart_positions
+
+  @classmethod
+  def from_sources(cls, sources: Sequence[pipeline.Source], tokenizer: Tokenizer, *, batch_size: int,
+                   seq_len: int, restart_positions: bool = True, cache_dir: str | None = None) -> "HeldOut":
+    return cls([pipeline.documents(s, tokenizer, cache_dir, "--eval_files") for s in sources],
+               batch_size=batch_size, seq_len=seq_len, pad_id=tokenizer.pad_id,
+               restart_positions=restart_positions)
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    one = TrainStream([self._docs], [1.0], seed=0, pad_id=self._pad_id, restart_positions=self._restart,
+                      shuffle=False)
+    return one._epoch_batches(self.batch_size, self.seq_len)

@@ -188,7 +188,7 @@ def _global_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
   process reads only the rows its devices hold (`batching.local_rows`).
 
   `source_id` (which source filled a row) stays on the host: the step does not read it."""
-  return batching.global_batch({k: batch[k] for k in data.FEATURES}, mesh)
+  return batching.global_batch({k: batch[k] for k in stream_lib.FEATURES}, mesh)
 
 
 def _model_config(run: RunConfig, tok, run_dir: epath.Path, resuming: bool) -> ModelConfig:
@@ -244,9 +244,8 @@ def _setup_and_train(run, ckpt, train_src, eval_src, tok, run_dir) -> dict:
 
   # One global stream for the whole run (llama_jax/data/stream.py): every stage continues it where the
   # previous one stopped, and each process fills only the rows of the batch shards its devices hold.
-  train_stream = stream_lib.TrainStream(
-      [data.documents(s, tok, cache, "--train_files") for s in train_src], [s.weight for s in train_src],
-      seed=run.seed, pad_id=tok.pad_id, restart_positions=run.restart_positions)
+  train_stream = stream_lib.TrainStream.from_sources(train_src, tok, seed=run.seed,
+                                                     restart_positions=run.restart_positions, cache_dir=cache)
 
   def train_iterator(i: int):
     return train_stream.batches(stages[i].batch_size, stages[i].seq_len,
@@ -254,8 +253,8 @@ def _setup_and_train(run, ckpt, train_src, eval_src, tok, run_dir) -> dict:
 
   # Every process packs the whole (small) held-out set into global batches and feeds its own rows, so
   # the held-out loss is the same whatever the number of processes (and a 1-document source works).
-  eval_ds = (data.eval_dataset(eval_src, tok, seq_len=run.seq_len, batch_size=run.batch_size,
-                               restart_positions=run.restart_positions, cache_dir=cache)
+  eval_ds = (stream_lib.HeldOut.from_sources(eval_src, tok, batch_size=run.batch_size, seq_len=run.seq_len,
+                                             restart_positions=run.restart_positions, cache_dir=cache)
              if eval_src else None)
   return _train(run, ckpt, model_cfg, mesh, stages, stage_of, train_iterator, eval_ds, tok, run_dir)
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from llama_jax.data import corpus, pipeline as data
+from llama_jax.data import corpus, pipeline as data, stream
 from llama_jax.errors import ConfigError
 
 
@@ -76,11 +76,13 @@ def test_prepare_small_and_cached(tmp_path, sdist, stdlib_dir):
                  max_docs=6, heldout_fraction=0.2)
   assert c.tokenizer().vocab_size == 700
 
-  # The corpus feeds the pipeline: mixed training batches and a finite held-out pass.
+  # The corpus feeds the stream: mixed training batches and a finite held-out pass.
   srcs = [data.Source(c.train[n], w) for n, w in c.weights.items()]
-  b = next(iter(data.train_dataset(srcs, tok, seq_len=64, batch_size=4, cache_dir=str(tmp_path / "cache"))))
+  s = stream.TrainStream.from_sources(srcs, tok, cache_dir=str(tmp_path / "cache"))
+  b = s.next_batch(4, 64)
   assert b["inputs"].shape == (4, 64) and b["inputs"].max() < 600
-  ev = list(data.eval_dataset([data.Source(p) for p in c.heldout.values()], tok, seq_len=64, batch_size=4))
+  ev = list(stream.HeldOut.from_sources([data.Source(p) for p in c.heldout.values()], tok, seq_len=64,
+                                        batch_size=4))
   n_tokens = sum(int((e["segment_ids"] > 0).sum()) for e in ev)
   want = sum(len(tok.encode(d["text"])) + 2 for p in c.heldout.values() for d in read_jsonl(p))
   assert n_tokens == want
