@@ -47,7 +47,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
 
 from experiments.configs.pretrain import CONFIGS  # noqa: E402
-from llama_jax.data import pipeline as data  # noqa: E402
+from llama_jax.data import stream  # noqa: E402
 from llama_jax.parallel import distributed, sharding  # noqa: E402
 from llama_jax.training import pretrain as runner  # noqa: E402
 
@@ -75,16 +75,16 @@ class RowRecorder:
   def fed_rows(arrays: dict) -> dict[int, list[str]]:
     """{global row: distinct sha256 over this process's device shards} of a dict of global arrays."""
     per_device: dict = {}  # device -> (row slice, {feature: shard data})
-    for k in data.FEATURES:
+    for k in stream.FEATURES:
       for shard in arrays[k].addressable_shards:
         rows = shard.index[0]
         per_device.setdefault(shard.device, (rows, {}))[1][k] = np.asarray(shard.data)
     out: dict[int, set[str]] = {}
-    batch_size = arrays[data.FEATURES[0]].shape[0]
+    batch_size = arrays[stream.FEATURES[0]].shape[0]
     for rows, feats in per_device.values():
       for i, r in enumerate(range(*rows.indices(batch_size))):
         h = hashlib.sha256()
-        for k in data.FEATURES:
+        for k in stream.FEATURES:
           x = feats[k][i]
           h.update(f"{k}:{x.dtype.str}:{x.shape}:".encode() + np.ascontiguousarray(x).tobytes())
         out.setdefault(r, set()).add(h.hexdigest())
