@@ -140,7 +140,7 @@ def slurm_env(tmp, cuda_plugin=True, **extra):
   bin_dir.mkdir(parents=True, exist_ok=True)
   for tool in ("sbatch", "srun"):
     _install(f"{tool}.py", bin_dir / tool)
-  uv = _install("uv.py", bin_dir / "uv", REAL_PY=sys.executable, PY310="/bin/false")
+  _install("uv.py", bin_dir / "uv", REAL_PY=sys.executable, PY310="/bin/false")
   paths = [REPO]
   if cuda_plugin:
     plugin = tmp / "site" / "jax_cuda12_plugin"

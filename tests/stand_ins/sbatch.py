@@ -5,7 +5,6 @@ job gets SLURM_JOB_ID=4242, nodes gpu01..gpuNN, SLURM_NTASKS*, SLURM_CPUS_PER_TA
 its output goes to the --output file (%x job name, %j job id), like a real job's.
 """
 import os
-import re
 import subprocess
 import sys
 
