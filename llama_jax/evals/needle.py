@@ -89,7 +89,8 @@ def load_texts(paths: Sequence[str], max_docs: int | None = None) -> list[str]:
   return texts[:max_docs]
 
 
-def _numbers(rng: np.random.Generator, tokenizer: Tokenizer, cfg: NeedleConfig) -> tuple[str, list[list[int]]]:
+def _numbers(rng: np.random.Generator, tokenizer: Tokenizer,
+             cfg: NeedleConfig) -> tuple[str, list[list[int]]]:
   """A number and its candidate token lists: the answer first, then K distinct same-length distractors."""
   lo, hi = 10 ** (cfg.digits - 1), 10**cfg.digits
   number = str(rng.integers(lo, hi))

@@ -90,7 +90,8 @@ def test_trials_are_deterministic_and_well_formed():
   first = next(t for t in a if t.depth == 0.0)
   assert TOK.decode(first.prompt[1:]).startswith("\nThe secret number is")
   last = next(t for t in a if t.depth == 1.0)
-  assert TOK.decode(last.prompt).endswith(f"{last.number}.\n\nWhat is the secret number? The secret number is")
+  tail = f"{last.number}.\n\nWhat is the secret number? The secret number is"
+  assert TOK.decode(last.prompt).endswith(tail)
   # Another seed draws other numbers.
   other = needle.build_trials(TOK, _texts(), needle.NeedleConfig(**{**CFG.__dict__, "seed": 1}))
   assert [t.number for t in other] != [t.number for t in a]
