@@ -27,12 +27,14 @@ def _qkv(rng, b, t, s, k, g, h=8):
 
 
 def _value_and_grads(impl, q, kk, v, info, w):
-  """The output, and the gradients (q, k, v) of the scalar <out, w> (w random: every output counts)."""
+  """The output, and the gradients (q, k, v) of the scalar <out, w> (w random: every output counts);
+  one compile."""
   def f(q, kk, v):
-    return (attention(q, kk, v, info, impl, BLOCK) * w).sum()
+    out = attention(q, kk, v, info, impl, BLOCK)
+    return (out * w).sum(), out
 
-  out = jax.jit(lambda q, kk, v: attention(q, kk, v, info, impl, BLOCK))(q, kk, v)
-  return [np.asarray(out)] + [np.asarray(x) for x in jax.jit(jax.grad(f, (0, 1, 2)))(q, kk, v)]
+  (_, out), grads = jax.jit(jax.value_and_grad(f, (0, 1, 2), has_aux=True))(q, kk, v)
+  return [np.asarray(out)] + [np.asarray(x) for x in grads]
 
 
 def _assert_equal_to_oracle(q, kk, v, info):
@@ -49,15 +51,13 @@ def _packed(b, t, lengths):
   return np.broadcast_to(row, (b, t)).astype(np.int32).copy()
 
 
-# (t, heads k x g, causal, segments): MHA / GQA / MQA; lengths multiple of the block (64, 32) and not
-# (40, 37, 23); packed documents with padding 0, documents aligned to no block boundary.
+# (t, heads k x g, causal, segments): MHA / GQA / MQA; a length that is a multiple of the block (64) and
+# two that are not (40, 37); packed documents with padding 0, on no block boundary. (The two tests
+# below add GQA at 19 queries x 45 keys and the permuted layout at 64.)
 CASES = {
     "causal_mha_64": (64, (4, 1), True, None),
-    "causal_gqa_23": (23, (2, 2), True, None),
     "documents_gqa_40": (40, (2, 2), True, [13, 20]),
-    "documents_mqa_64": (64, (1, 4), True, [16, 16, 9, 17]),
     "noncausal_documents_mqa_37": (37, (1, 4), False, [10, 22]),
-    "noncausal_mha_32": (32, (4, 1), False, None),
 }
 
 
@@ -155,13 +155,12 @@ def test_no_array_grows_with_t_times_s():
 CFG = dataclasses.replace(C.TINY, vocab_size=128, attention_block_size=BLOCK)
 
 
-@pytest.mark.parametrize("mesh_shape", [(1, 1, 1), (2, 2, 2)], ids=["one_device", "data_fsdp_tensor"])
-def test_transformer_blockwise_equals_einsum(mesh_shape):
-  """The tiny model with attention_impl='blockwise': loss and parameter gradients equal the einsum
-  model's within 1e-5, on packed documents with padding at a length that is not a multiple of the block."""
+def test_transformer_blockwise_equals_einsum():
+  """The tiny model with attention_impl='blockwise', sharded over data x fsdp x tensor = 2x2x2: loss and
+  parameter gradients equal the einsum model's within 1e-5, on packed documents with padding at a length
+  that is not a multiple of the block."""
   b, t = 4, 40
-  data, fsdp, tensor = mesh_shape
-  mesh = sharding.make_mesh(data=data, fsdp=fsdp, tensor=tensor, devices=jax.devices()[:data * fsdp * tensor])
+  mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2, devices=jax.devices()[:8])
   params = P.init_params(CFG, mesh, jax.random.key(0))
   rng = np.random.default_rng(4)
   tokens = jnp.asarray(rng.integers(0, CFG.vocab_size, (b, t + 1)), jnp.int32)
