@@ -14,7 +14,7 @@ from typing import Literal
 from llama_jax.errors import ConfigError
 
 RematPolicy = Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"]
-AttentionImpl = Literal["einsum", "xla", "cudnn"]
+AttentionImpl = Literal["einsum", "xla", "cudnn", "blockwise"]
 DType = Literal["float32", "bfloat16", "float16"]
 
 LLAMA3_VOCAB = 128_256  # 128,000 BPE ranks + 256 special tokens
@@ -58,6 +58,7 @@ class ModelConfig:
   scan_layers: bool = True
   remat_policy: RematPolicy = "none"
   attention_impl: AttentionImpl = "einsum"
+  attention_block_size: int = 512  # queries × keys per block of attention_impl="blockwise"
 
   def __post_init__(self):
     def need(ok: bool, field: str, msg: str):
@@ -65,7 +66,7 @@ class ModelConfig:
         raise ConfigError(f"ModelConfig.{field}: {msg}")
 
     for f in ("vocab_size", "dim", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
-              "max_seq_len"):
+              "max_seq_len", "attention_block_size"):
       v = getattr(self, f)
       need(isinstance(v, int) and v > 0, f, f"must be a positive integer, got {v!r}.")
     need(self.num_heads % self.num_kv_heads == 0, "num_kv_heads",

@@ -9,45 +9,21 @@ themselves; at 128K tokens that array is 16 GiB per row, so a blockwise kernel m
 
 from __future__ import annotations
 
-import flax.struct
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, Bool, Float
+
+from llama_jax.kernels import blockwise
+from llama_jax.kernels.mask import MaskInfo  # re-exported: the model's callers import it from here
 
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: a fully masked row stays NaN-free
-
-
-@flax.struct.dataclass
-class MaskInfo:
-  """Query t of row b may attend to key s iff q_segment_BT[b, t] == kv_segment_BS[b, s] and, when
-  `causal`, kv_index_BS[b, s] <= q_index_BT[b, t].
-
-  Indices are positions *in the row* (not RoPE positions, which restart per packed document): today's
-  self-attention uses arange(T) for both (None means that). A KV cache passes the query's offset in the
-  cache, and context parallelism each shard's slice of the row, without changing an implementation.
-  Segments: the document id of each token (0 = padding, which attends only to padding, so no row is
-  fully masked); None = one document.
-  """
-
-  q_segment_BT: Int[Array, "B T"] | None = None
-  kv_segment_BS: Int[Array, "B S"] | None = None
-  q_index_BT: Int[Array, "B T"] | None = None
-  kv_index_BS: Int[Array, "B S"] | None = None
-  causal: bool = flax.struct.field(pytree_node=False, default=True)
-
-  @classmethod
-  def self_attention(cls, segment_ids_BT: Int[Array, "B T"] | None = None, causal: bool = True
-                     ) -> "MaskInfo":
-    """Queries and keys are the same tokens of the row (training, scoring, cache-less sampling)."""
-    return cls(q_segment_BT=segment_ids_BT, kv_segment_BS=segment_ids_BT, causal=causal)
 
 
 def _mask_BTS(info: MaskInfo, b: int, t: int, s: int) -> Bool[Array, "B T S"]:
   """The materialized mask, for the implementations that need one (private: the oracle and the library)."""
   mask_BTS = jnp.ones((b, t, s), bool)
   if info.causal:
-    q_BT = jnp.broadcast_to(jnp.arange(t), (b, t)) if info.q_index_BT is None else info.q_index_BT
-    kv_BS = jnp.broadcast_to(jnp.arange(s), (b, s)) if info.kv_index_BS is None else info.kv_index_BS
+    q_BT, kv_BS = info.indices(b, t, s)
     mask_BTS &= kv_BS[:, None, :] <= q_BT[:, :, None]
   if info.q_segment_BT is not None:
     mask_BTS &= info.q_segment_BT[:, :, None] == info.kv_segment_BS[:, None, :]
@@ -80,14 +56,17 @@ def _library_attention(q_BTKGH, k_BSKH, v_BSKH, info: MaskInfo, implementation):
 
 def attention(q_BTKGH: Float[Array, "B T K G H"], k_BSKH: Float[Array, "B S K H"],
               v_BSKH: Float[Array, "B S K H"], info: MaskInfo,
-              impl: str = "einsum") -> Float[Array, "B T K G H"]:
+              impl: str = "einsum", block_size: int = 512) -> Float[Array, "B T K G H"]:
   """Grouped-query softmax attention with scale 1/sqrt(H), masked as `info` describes.
 
   impl: 'einsum' (plain, any backend), 'xla' (jax.nn.dot_product_attention), 'cudnn' (fused GPU kernel,
-  needs bf16/fp16 inputs on a GPU).
+  needs bf16/fp16 inputs on a GPU), 'blockwise' (memory linear in the length, any backend; blocks of
+  `block_size` queries × keys: llama_jax/kernels/blockwise.py).
   """
   if impl == "einsum":
     return _einsum_attention(q_BTKGH, k_BSKH, v_BSKH, info)
   if impl in ("xla", "cudnn"):
     return _library_attention(q_BTKGH, k_BSKH, v_BSKH, info, impl)
-  raise ValueError(f"attention impl {impl!r}: choose 'einsum', 'xla' or 'cudnn'.")
+  if impl == "blockwise":
+    return blockwise.blockwise_attention(q_BTKGH, k_BSKH, v_BSKH, info, block_size, block_size)
+  raise ValueError(f"attention impl {impl!r}: choose 'einsum', 'xla', 'cudnn' or 'blockwise'.")

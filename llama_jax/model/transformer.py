@@ -94,6 +94,7 @@ class Attention(nn.Module):
   impl: str
   dtype: str
   param_dtype: str
+  block_size: int = 512  # of impl="blockwise"
 
   @nn.compact
   def __call__(self, x_BTD, positions_BT, mask: MaskInfo, cache=None):
@@ -120,7 +121,7 @@ class Attention(nn.Module):
         q_BTKGH, ("act_batch", "act_seq", "act_kv_heads", "act_q_per_kv", "act_head_dim"))
     q_BTKGH = apply_rope(q_BTKGH, positions_BT, self.inv_freq)
     k_BSKH = apply_rope(k_BSKH, positions_BT, self.inv_freq)
-    out_BTKGH = attention(q_BTKGH, k_BSKH, v_BSKH, mask, self.impl)
+    out_BTKGH = attention(q_BTKGH, k_BSKH, v_BSKH, mask, self.impl, self.block_size)
     return jnp.einsum("BTKGH,KGHD->BTD", out_BTKGH, wo_KGHD), cache
 
 
@@ -158,7 +159,7 @@ class Block(nn.Module):
     norm = lambda name: RMSNorm(c.norm_eps, c.dtype, c.param_dtype, name=name)
     inv_freq = rope_frequencies(c.head_dim, c.rope_theta, c.rope_scaling)
     attn = Attention(c.num_kv_heads, c.q_per_kv, c.head_dim, inv_freq, c.attention_impl, c.dtype,
-                     c.param_dtype, name="attn")
+                     c.param_dtype, c.attention_block_size, name="attn")
     attn_BTD, cache = attn(norm("attn_norm")(x_BTD), positions_BT, mask, cache)
     h_BTD = x_BTD + attn_BTD
     out_BTD = h_BTD + MLP(c.mlp_dim, c.dtype, c.param_dtype, name="mlp")(norm("mlp_norm")(h_BTD))
