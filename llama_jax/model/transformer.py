@@ -197,7 +197,11 @@ class Transformer(nn.Module):
     embed_std = c.dim**-0.5 if c.tie_embeddings else 1.0
     embed_VD = _param(self, "embedding", ("vocab", "embed"), (c.vocab_size, c.dim),
                       nn.initializers.normal(stddev=embed_std), c.param_dtype)
-    x_BTD = jnp.take(embed_VD, tokens_BT, axis=0).astype(c.dtype)
+    # The lookup reads the table gathered along D (as FSDP gathers every weight where it is used): from
+    # D split over `fsdp` to B over `fsdp` and T over `context`, GSPMD would replicate the rows whole.
+    table_VD = nn.with_logical_constraint(embed_VD, ("act_vocab", "act_embed"))
+    tokens_BT = nn.with_logical_constraint(tokens_BT, ("act_batch", "act_seq"))
+    x_BTD = jnp.take(table_VD, tokens_BT, axis=0).astype(c.dtype)
     x_BTD = nn.with_logical_constraint(x_BTD, ("act_batch", "act_seq", "act_embed"))
 
     # nn.scan's (carry, inputs) -> (carry, outputs) is Block's own signature: the activations are the
