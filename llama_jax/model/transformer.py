@@ -119,8 +119,14 @@ class Attention(nn.Module):
     v_BSKH = jnp.einsum("BSD,DKH->BSKH", x_BTD, wv_DKH)
     q_BTKGH = nn.with_logical_constraint(
         q_BTKGH, ("act_batch", "act_seq", "act_kv_heads", "act_q_per_kv", "act_head_dim"))
+    kv_axes = lambda seq: ("act_batch", seq, "act_kv_heads", "act_head_dim")
+    k_BSKH, v_BSKH = (nn.with_logical_constraint(x, kv_axes("act_seq")) for x in (k_BSKH, v_BSKH))
     q_BTKGH = apply_rope(q_BTKGH, positions_BT, self.inv_freq)
     k_BSKH = apply_rope(k_BSKH, positions_BT, self.inv_freq)
+    # Context parallelism (Llama 3 §3.3.2): each rank projects (and rotates) K and V of its own chunks,
+    # then they are gathered whole along S (act_kv_seq is replicated) while the queries stay split along
+    # T, so each context rank attends its chunks to the entire row.
+    k_BSKH, v_BSKH = (nn.with_logical_constraint(x, kv_axes("act_kv_seq")) for x in (k_BSKH, v_BSKH))
     out_BTKGH = attention(q_BTKGH, k_BSKH, v_BSKH, mask, self.impl, self.block_size)
     return jnp.einsum("BTKGH,KGHD->BTD", out_BTKGH, wo_KGHD), cache
 
@@ -174,20 +180,29 @@ class Transformer(nn.Module):
   @nn.compact
   def __call__(self, tokens_BT: Int[Array, "B T"], positions_BT: Int[Array, "B T"] | None = None,
                segment_ids_BT: Int[Array, "B T"] | None = None, *,
+               row_index_BT: Int[Array, "B T"] | None = None,
                return_hidden: bool = False) -> Float[Array, "B T V"]:
+    """`row_index_BT`: each token's index in its row, for the causal mask (None: arange(T)); a batch in
+    the context-parallel layout (llama_jax/parallel/context.py) passes its tokens' original indices."""
     c = self.config
     b, t = tokens_BT.shape
     sharding.check_divisible(tokens_BT.shape, ("act_batch", "act_seq"))
     if positions_BT is None:
-      positions_BT = jnp.broadcast_to(jnp.arange(t), (b, t))
-    mask = MaskInfo.self_attention(segment_ids_BT)  # a description; each attention derives its mask
+      positions_BT = jnp.broadcast_to(jnp.arange(t), (b, t)) if row_index_BT is None else row_index_BT
+    # A description; each attention derives its mask.
+    mask = MaskInfo(q_segment_BT=segment_ids_BT, kv_segment_BS=segment_ids_BT, q_index_BT=row_index_BT,
+                    kv_index_BS=row_index_BT, causal=True)
 
     # Unit-variance rows feed the pre-norm blocks; a tied table is also the output layer, where unit
     # rows would give logits of size sqrt(D): scale it to keep the initial loss near ln V.
     embed_std = c.dim**-0.5 if c.tie_embeddings else 1.0
     embed_VD = _param(self, "embedding", ("vocab", "embed"), (c.vocab_size, c.dim),
                       nn.initializers.normal(stddev=embed_std), c.param_dtype)
-    x_BTD = jnp.take(embed_VD, tokens_BT, axis=0).astype(c.dtype)
+    # The lookup reads the table gathered along D (as FSDP gathers every weight where it is used): from
+    # D split over `fsdp` to B over `fsdp` and T over `context`, GSPMD would replicate the rows whole.
+    table_VD = nn.with_logical_constraint(embed_VD, ("act_vocab", "act_embed"))
+    tokens_BT = nn.with_logical_constraint(tokens_BT, ("act_batch", "act_seq"))
+    x_BTD = jnp.take(table_VD, tokens_BT, axis=0).astype(c.dtype)
     x_BTD = nn.with_logical_constraint(x_BTD, ("act_batch", "act_seq", "act_embed"))
 
     # nn.scan's (carry, inputs) -> (carry, outputs) is Block's own signature: the activations are the

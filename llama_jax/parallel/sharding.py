@@ -10,10 +10,12 @@ Model code names logical axes only; this table maps them onto the named device m
   norms       scale[D] (replicated); stacked layers add a leading unsharded L
   activations x[B_(data,fsdp), T_context, D]   h[B_(data,fsdp), T_context, F_tensor]
               logits[B_(data,fsdp), T_context, V_tensor]
+              q[B_(data,fsdp), T_context, K_tensor, G, H]   k, v[B_(data,fsdp), S, K_tensor, H]
 
 FSDP shards parameters over `fsdp` and the batch over (data, fsdp); XLA all-gathers weights per
 layer inside the scan and reduce-scatters their gradients. `context` splits the sequence (size 1
-unless long context asks for it). Meshes come from the topology (mesh_utils), not a reshape of
+unless long context asks for it): rank i holds chunks i and 2·CP−1−i of the row (parallel/context.py)
+and K, V are all-gathered across it, as Llama 3 §3.3.2 does. Meshes come from the topology (mesh_utils), not a reshape of
 jax.devices(): devices are ordered so that the inner axes (tensor, context, fsdp) stay on the fast
 links; with several slices (TPU multislice), `data` goes across slices (DCN) and the rest inside one.
 """
@@ -57,6 +59,7 @@ def logical_rules(config: ModelConfig, mesh: Mesh | None = None) -> Rules:
   activations = (
       ("act_batch", BATCH_AXES),
       ("act_seq", "context"),
+      ("act_kv_seq", None),  # K/V whole along S: all-gathered across `context` before attention
       ("act_embed", None),
       ("act_mlp", "tensor"),
       ("act_kv_heads", heads),

@@ -35,6 +35,8 @@ def cross_entropy(logits_BTV: Float[Array, "B T V"], targets_BT: Int[Array, "B T
 
 def pretrain_loss(model: nn.Module, params: Any, batch: Batch) -> tuple[jax.Array, Aux]:
   """Next-token cross-entropy on a packed batch (segment ids keep documents apart)."""
-  logits_BTV = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"])
+  # row_index: present when the batch is in the context-parallel layout (llama_jax/parallel/context.py).
+  logits_BTV = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"],
+                           row_index_BT=batch.get("row_index"))
   loss_sum, count = cross_entropy(logits_BTV, batch["targets"], batch["loss_mask"])
   return loss_sum, {"tokens": count}

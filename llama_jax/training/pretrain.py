@@ -25,7 +25,7 @@ from llama_jax.errors import ConfigError
 from llama_jax.evals import heldout
 from llama_jax.inference import sample
 from llama_jax.interop import init_from
-from llama_jax.parallel import batching, sharding
+from llama_jax.parallel import batching, context, sharding
 from llama_jax.training import checkpoint, loop, metrics as metrics_lib, preemption as preemption_lib
 from llama_jax.training import reporting, step as train
 from llama_jax.training.optim import OptimizerConfig
@@ -187,8 +187,10 @@ def _global_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
   """A global [B, T] host batch → one global array per model input, split over (data, fsdp); each
   process reads only the rows its devices hold (`batching.local_rows`).
 
-  `source_id` (which source filled a row) stays on the host: the step does not read it."""
-  return batching.global_batch({k: batch[k] for k in stream_lib.FEATURES}, mesh)
+  `source_id` (which source filled a row) stays on the host: the step does not read it. With
+  --mesh_context > 1 the rows go into the context-parallel layout (parallel/context.py), `row_index` added."""
+  features = context.context_batch({k: batch[k] for k in stream_lib.FEATURES}, mesh.shape["context"])
+  return batching.global_batch(features, mesh)
 
 
 def _model_config(run: RunConfig, tok, run_dir: epath.Path, resuming: bool) -> ModelConfig:

@@ -7,7 +7,9 @@ microbatches that a `lax.scan` runs one after another, summing fp32 gradients; o
 per call.
 
 Batch: a dict of int32 [B, T] arrays from the data pipeline: inputs, targets, segment_ids (0 = padding),
-positions, loss_mask (1 where the target counts). B is split over the (data, fsdp) mesh axes.
+positions, loss_mask (1 where the target counts), and row_index when the mesh has context > 1 (the batch
+is then in the context-parallel layout: llama_jax/parallel/context.py). B is split over the (data, fsdp)
+mesh axes.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llama_jax.training import losses
 from llama_jax.model import params as params_lib
-from llama_jax.parallel import sharding
+from llama_jax.parallel import context, sharding
 from llama_jax.errors import ConfigError
 from llama_jax.config import ModelConfig
 from llama_jax.model import factory
@@ -100,6 +102,7 @@ def check_batch_shape(batch_size: int, seq_len: int, model_cfg: ModelConfig, opt
                       f"use a multiple of {a}.")
   flag = "--batch_size" if a == 1 else f"--batch_size/--grad_accum_steps ({batch_size}/{a})"
   sharding.check_batch(batch_size // a, mesh, flag=flag)
+  context.check_seq_len(seq_len, mesh.shape["context"])
 
 
 def _microbatches(x: jax.Array, accum: int) -> jax.Array:
