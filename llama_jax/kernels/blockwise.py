@@ -90,6 +90,16 @@ def _flash(q_IBtKGH, k_JBsKH, v_JBsKH, m, causal):
 
 
 def _forward(q_IBtKGH, k_JBsKH, v_JBsKH, m, causal):
+  # One barrier over all the operands, so that partial evaluation treats the block loops as a unit. Under
+  # a `lax.scan` (the Transformer's layers), the scan's linearization hoists loop-invariant work out of
+  # the loop by partially evaluating its body with the scan's constants known (jax/_src/lax/control_flow/
+  # loops.py, _scan_known_hoisting; _scan_partial_eval_custom under remat). Here k, v and the mask are
+  # such constants whenever they do not depend on the carry, and the partial evaluation recurses into
+  # these loops: it would split each one and stack, over all I×J block pairs, every piece that depends on
+  # them alone (k/v block slices, the [B, t, s] mask, its [B, K, G, t, s] broadcast), an O(T·S) array.
+  # optimization_barrier has no partial-evaluation rule of its own: one unknown operand makes all its
+  # outputs unknown, so nothing inside the loops is known apart from q.
+  q_IBtKGH, k_JBsKH, v_JBsKH, m = lax.optimization_barrier((q_IBtKGH, k_JBsKH, v_JBsKH, m))
   visit_IJ = _visit_IJ(m, causal)
   _, b, t, k, g, h = q_IBtKGH.shape
 

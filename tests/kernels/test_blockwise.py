@@ -155,6 +155,41 @@ def test_no_array_grows_with_t_times_s():
 CFG = dataclasses.replace(C.TINY, vocab_size=128, attention_block_size=BLOCK)
 
 
+def test_no_array_grows_with_t_times_s_inside_a_scan():
+  """The same inside a `lax.scan` (as the Transformer's layers run): q the carry, keys, values and the
+  mask description closed over. Scan's linearization hoists loop-invariant work out of the loop by
+  partially evaluating its body; it must not split the kernel's block loops and stack each block pair's
+  k/v slices and [t, s] mask over all I×J pairs."""
+  b, t, k, g = 2, 128, 2, 2  # two layers' saved q, k, v, out: 2·B·T·N·H = B·T·S / 2
+  q, kk, v = _qkv(np.random.default_rng(3), b, t, t, k, g)
+  info = MaskInfo.self_attention(jnp.asarray(_packed(b, t, [60, 60])))
+
+  def loss(q):
+    body = lambda c, _: (attention(c, kk, v, info, "blockwise", BLOCK), None)
+    return jax.lax.scan(body, q, None, length=2)[0].sum()
+
+  assert _largest_intermediate(jax.grad(loss), q) < b * t * t
+
+
+def test_transformer_gradient_has_no_t_times_s_array():
+  """The tiny Transformer's loss gradient (layers in nn.scan) with attention_impl='blockwise', with and
+  without remat: no intermediate of B·T·S elements (T·S = 2^18 here; the largest linear ones, the two
+  layers' saved MLP activations, are L·B·T·F = B·T·S / 2)."""
+  b, t = 1, 512
+  tokens = jnp.zeros((b, t + 1), jnp.int32)
+  seg = jnp.ones((b, t), jnp.int32)
+  for remat in ("none", "full"):
+    cfg = dataclasses.replace(CFG, attention_impl="blockwise", remat_policy=remat)
+    model = Transformer(cfg)
+    params = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens[:, :-1])["params"])
+
+    def loss(p):
+      logits = model.apply({"params": p}, tokens[:, :-1], None, seg)
+      return jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], -1).sum()
+
+    assert _largest_intermediate(jax.grad(loss), params) < b * t * t, remat
+
+
 def test_transformer_blockwise_equals_einsum():
   """The tiny model with attention_impl='blockwise', sharded over data x fsdp x tensor = 2x2x2: loss and
   parameter gradients equal the einsum model's within 1e-5, on packed documents with padding at a length
