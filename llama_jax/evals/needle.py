@@ -83,7 +83,8 @@ def load_texts(paths: Sequence[str], max_docs: int | None = None) -> list[str]:
   texts = []
   for path in paths:
     if not os.path.isfile(path):
-      raise ConfigError(f"--needle_texts: {path!r}: no such file; give JSONL files with a 'text' field.")
+      raise ConfigError(f"needle-in-a-haystack texts: {path!r}: no such file; give JSONL files with a "
+                        "'text' field.")
     with open(path, encoding="utf-8") as f:
       texts += [json.loads(line)["text"] for line in f if line.strip()]
   return texts[:max_docs]
@@ -106,14 +107,14 @@ def _numbers(rng: np.random.Generator, tokenizer: Tokenizer,
         return number, candidates
   raise ConfigError(f"NeedleConfig.num_distractors={cfg.num_distractors}: found only {len(candidates) - 1} "
                     f"{cfg.digits}-digit numbers with as many tokens as {number}; use fewer distractors or "
-                    "another --needle_digits.")
+                    "another NeedleConfig.digits.")
 
 
 def build_trials(tokenizer: Tokenizer, texts: Sequence[str], cfg: NeedleConfig) -> list[_Trial]:
   """Every (length, depth, trial) case, in that order; a function of the inputs and `cfg.seed` alone."""
   stream = [t for ids in tokenizer.encode_batch(list(texts)) for t in ids]
   if not stream:
-    raise ConfigError("--needle_texts: the haystack texts are empty; give held-out documents.")
+    raise ConfigError("needle-in-a-haystack: the haystack texts are empty; give held-out documents.")
   pre, post = cfg.needle.split("{number}")
   pre_ids, post_ids = tokenizer.encode("\n" + pre.rstrip()), tokenizer.encode(post + "\n")
   question = tokenizer.encode("\n" + cfg.question)
