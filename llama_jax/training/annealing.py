@@ -12,7 +12,6 @@ way (training/averaging.py).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 from llama_jax.errors import ConfigError
