@@ -28,6 +28,14 @@ CONFIGS = {
         optim=optim.OptimizerConfig(peak_lr=3e-3, final_lr=3e-4, warmup_steps=5, total_steps=40),
         run_dir="runs/smoke", steps=40, batch_size=8, seq_len=64,
         log_every=10, eval_every=20, eval_batches=4, checkpoint_every=20),
+    # The smoke model at 64 tokens for long enough to learn something: the start of the long-context
+    # example (experiments/configs/long_context.py), about five minutes on a 2-core CPU.
+    "longctx_base": RunConfig(
+        model=dataclasses.replace(SMALL, dim=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                                  mlp_dim=128),
+        optim=optim.OptimizerConfig(peak_lr=3e-3, final_lr=3e-4, warmup_steps=30, total_steps=600),
+        run_dir="runs/longctx_base", steps=600, batch_size=16, seq_len=64,
+        log_every=50, eval_every=200, eval_batches=16, checkpoint_every=200),
     # The paper's 8B recipe (§3.4): 4M-token batches of 4,096 tokens, peak LR 3e-4, warmup 8,000.
     # Needs a pod and --train_files/--tokenizer pointing at real data and Meta's tokenizer.
     "llama3.1-8b": RunConfig(

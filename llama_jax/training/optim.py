@@ -11,7 +11,7 @@ microbatches and makes one optimizer update per call (llama_jax/training/step.py
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +43,9 @@ class OptimizerConfig:
   decay_embeddings: bool = True
   clip_norm: float | None = 1.0
   grad_accum_steps: int = 1
+  # After the warmup: "cosine" to final_lr at total_steps (pretraining, [P] §3.4.1), or "linear" — with
+  # final_lr=0 the annealing of [P] §3.4.3 ("the learning rate linearly to 0" over the last tokens).
+  decay: Literal["cosine", "linear"] = "cosine"
 
   def __post_init__(self):
     def need(ok: bool, field: str, msg: str):
@@ -65,6 +68,7 @@ class OptimizerConfig:
          f"must be > 0, or None for no clipping, got {self.clip_norm}.")
     need(isinstance(self.grad_accum_steps, int) and self.grad_accum_steps >= 1, "grad_accum_steps",
          f"must be an integer >= 1, got {self.grad_accum_steps!r}.")
+    need(self.decay in ("cosine", "linear"), "decay", f"choose 'cosine' or 'linear', got {self.decay!r}.")
 
 
 # The paper's schedules. Only the 405B final LR is stated (peak / 100); 8B and 70B assume the same ratio,
@@ -75,7 +79,8 @@ LLAMA3_8B_OPT = dataclasses.replace(LLAMA3_405B_OPT, peak_lr=3e-4, final_lr=3e-6
 
 
 def make_schedule(config: OptimizerConfig) -> optax.Schedule:
-  """lr(step): linear 0 → peak over warmup_steps, then cosine to final_lr at total_steps, then flat.
+  """lr(step): linear 0 → peak over warmup_steps, then cosine (or linear) to final_lr at total_steps,
+  then flat.
 
   The same curve as optax.warmup_cosine_decay_schedule, written to be exact in fp32 to ~1e-7 relative
   everywhere: optax's warmup computes peak·(1 − (1 − s/W)) and its cosine 1 + cos(πx), both losing
@@ -90,8 +95,11 @@ def make_schedule(config: OptimizerConfig) -> optax.Schedule:
     step = jnp.asarray(step, jnp.float32)
     warm = peak * step / max(warmup, 1)
     remaining = jnp.clip((total - step) / (total - warmup), 0.0, 1.0)
-    cosine = final + (peak - final) * jnp.sin(0.5 * jnp.pi * remaining) ** 2
-    return jnp.where(step < warmup, warm, cosine)
+    if config.decay == "linear":  # final_lr=0: exactly 0 at total_steps, from integer step counts
+      decay = final + (peak - final) * remaining
+    else:
+      decay = final + (peak - final) * jnp.sin(0.5 * jnp.pi * remaining) ** 2
+    return jnp.where(step < warmup, warm, decay)
 
   return schedule
 

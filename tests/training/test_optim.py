@@ -98,3 +98,17 @@ def test_clipping_bounds_the_first_adam_step():
   _, state = tx.update(g, state, params)
   mu = state[1][0].mu["w"]  # chain(clip, adamw): adamw's ScaleByAdamState
   np.testing.assert_allclose(mu, 0.1 * np.array([0.6, 0.8, 0, 0]), rtol=1e-6)
+
+
+def test_linear_decay_to_zero_for_annealing():
+  """[P] §3.4.3: the LR linearly to 0 over the annealing steps; float64 reference, 0 exactly at the end."""
+  cfg = optim.OptimizerConfig(peak_lr=1e-3, final_lr=0.0, warmup_steps=3, total_steps=50, decay="linear")
+  steps = np.arange(0, 56)
+  got = np.asarray(jax.jit(jax.vmap(optim.make_schedule(cfg)))(jnp.asarray(steps, jnp.int32)))
+  s = steps.astype(np.float64)
+  want = np.where(s < 3, 1e-3 * s / 3, 1e-3 * np.clip((50 - s) / 47, 0, 1))
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=0)
+  # The update of the last step (optax count 49) uses peak/47; from count 50 on the LR is exactly 0.
+  assert got[49] == pytest.approx(1e-3 / 47, rel=1e-6) and np.all(got[50:] == 0.0)
+  with pytest.raises(ConfigError, match=r"OptimizerConfig.decay.*choose 'cosine' or 'linear'"):
+    optim.OptimizerConfig(decay="step")

@@ -1,0 +1,38 @@
+"""Long-context extension and annealing configs as values (experiments/long_context.py, anneal.py).
+
+`tiny`: the smoke model pretrained at 64 tokens (`pretrain.py --config=longctx_base`), extended to 8x that
+length in 3 stages (128, 256, 512) with 25% synthetic retrieval documents; the gate asks 90% needle
+retrieval by log-probability at each stage's length and the short-context (16x64) held-out loss within
+2% of the start's. RoPE theta and scaling are the model's (theta 5e5 is already far beyond 512 positions);
+a stage may change them (`rope_theta`, `rope_factor`), as the paper's stages up to 128K do.
+"""
+
+import dataclasses
+
+from experiments.configs.pretrain import CONFIGS as PRETRAIN
+from llama_jax.training import optim
+from llama_jax.training.annealing import AnnealConfig
+from llama_jax.training.long_context import ExtensionConfig, ExtensionStage, Gate
+
+# The template of the stage runs: the pretraining base's model and data, a constant-ish LR.
+_BASE = dataclasses.replace(
+    PRETRAIN["longctx_base"], run_dir="unused", log_every=25, eval_batches=8, checkpoint_every=100,
+    optim=optim.OptimizerConfig(peak_lr=1e-3, final_lr=1e-4, warmup_steps=10, total_steps=100))
+
+EXTEND = {
+    "tiny": ExtensionConfig(
+        run=_BASE, root_dir="runs/longctx", retrieval_weight=0.25,
+        stages=(ExtensionStage(seq_len=128, steps=150, batch_size=8),
+                ExtensionStage(seq_len=256, steps=150, batch_size=8),
+                ExtensionStage(seq_len=512, steps=150, batch_size=8)),
+        gate=Gate(needle_min=0.9, heldout_max_rise=0.02, needle_trials=4, needle_batch=8, eval_batches=8)),
+}
+
+ANNEAL = {
+    # The last 100 steps of the base at its shape, LR 1e-3 -> 0, Python (code) upsampled 2x as the
+    # "high-quality" source, a checkpoint every 20 steps kept and averaged.
+    "tiny": AnnealConfig(
+        run=dataclasses.replace(_BASE, steps=100, checkpoint_every=20, eval_every=100,
+                                optim=dataclasses.replace(_BASE.optim, warmup_steps=0)),
+        root_dir="runs/anneal", upsample=(("python", 2.0),)),
+}

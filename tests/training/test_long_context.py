@@ -1,0 +1,145 @@
+"""Long-context stages and annealing end to end at toy scale (a 4-step base run, stages of 64 and 128
+tokens, a few steps each): each stage writes its gate, a gate that cannot pass stops the run with
+stop_on_gate_failure and is reported otherwise; synthetic retrieval documents are well formed and
+deterministic; the annealing average equals the float64 mean of its checkpoints and loads as --init_from."""
+
+import dataclasses
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from experiments.configs.pretrain import CONFIGS
+from llama_jax.data import retrieval
+from llama_jax.errors import ConfigError
+from llama_jax.interop import init_from, orbax as orbax_params
+from llama_jax.parallel import sharding
+from llama_jax.training import annealing, checkpoint, long_context, step as step_lib
+from llama_jax.training.pretrain import pretrain
+
+
+def test_retrieval_documents_are_well_formed_and_deterministic():
+  a, b = retrieval.document(7, 3, lines=200), retrieval.document(7, 3, lines=200)
+  assert a == b and a != retrieval.document(7, 4, lines=200) and a != retrieval.document(8, 3, lines=200)
+  pairs = retrieval.parse(a)
+  assert len(pairs) == 200
+  first = {}
+  for k, v in pairs:
+    assert first.setdefault(k, v) == v  # a key asked back has the value it was given
+    assert 1000 <= k <= 9999 and 10000 <= v <= 99999
+  repeats = len(pairs) - len(first)
+  assert 70 <= repeats <= 130  # repeat=0.5 of 199 chances
+  # Asked back from anywhere before: some repeats reach back more than half the document.
+  where = {}
+  far = 0
+  for i, (k, _) in enumerate(pairs):
+    if k in where and i - where[k] > 100:
+      far += 1
+    where.setdefault(k, i)
+  assert far > 0
+
+
+@pytest.fixture(scope="module")
+def base_run(text_data, tmp_path_factory):
+  run = dataclasses.replace(
+      CONFIGS["smoke"], run_dir=str(tmp_path_factory.mktemp("base") / "run"),
+      train_files=(text_data["train"],), eval_files=(text_data["eval"],), tokenizer=text_data["tokenizer"],
+      steps=4, batch_size=8, seq_len=32, checkpoint_every=2, eval_every=4, eval_batches=1, sample_prompts=(),
+      data_dir=str(tmp_path_factory.mktemp("data")))
+  pretrain(run)
+  return run
+
+
+def _extension(base_run, root, **over):
+  template = dataclasses.replace(base_run, run_dir="unused", log_every=1, eval_batches=1)
+  cfg = long_context.ExtensionConfig(
+      run=template, root_dir=str(root), from_run=base_run.run_dir, retrieval_weight=0.25, retrieval_docs=20,
+      stages=(long_context.ExtensionStage(seq_len=64, steps=2, batch_size=8),
+              long_context.ExtensionStage(seq_len=128, steps=2, batch_size=8, rope_theta=1e6)),
+      gate=long_context.Gate(needle_min=1.01, needle_trials=1, needle_depths=(0.0, 1.0), eval_batches=1))
+  return dataclasses.replace(cfg, **over)
+
+
+def test_stages_gate_and_stop(base_run, tmp_path, capsys):
+  root = tmp_path / "ext"
+  # A gate that cannot pass (101% retrieval) stops the run after stage 0 with --stop_on_gate_failure.
+  with pytest.raises(long_context.GateFailure, match=r"stage 0 \(seq 64\) failed its gate"):
+    long_context.extend(_extension(base_run, root, stop_on_gate_failure=True))
+  assert os.path.exists(root / "stage_0_64" / "gate.json") and not os.path.exists(root / "stage_1_128")
+  assert "gate stage 0 (seq 64): FAILED" in capsys.readouterr().out
+
+  # Without the flag the same command continues (stage 0 is not retrained) and reports each failure.
+  gates = long_context.extend(_extension(base_run, root))
+  out = capsys.readouterr().out
+  assert "=== stage 0" not in out and "=== stage 1: seq 128" in out and "gate stage 1 (seq 128): FAILED" in out
+  assert [g["passed"] for g in gates] == [False, False] and [g["seq_len"] for g in gates] == [64, 128]
+  assert json.load(open(root / "gates.json")) == gates
+  baseline = json.load(open(root / "baseline.json"))["heldout_loss"]
+  for i, t in ((0, 64), (1, 128)):
+    d = root / f"stage_{i}_{t}"
+    g = json.load(open(d / "gate.json"))
+    assert os.path.getsize(d / "needle.png") > 0 and json.load(open(d / "needle.json"))["lengths"] == [t]
+    assert g["baseline_heldout_loss"] == baseline and np.isfinite(g["heldout_loss"])
+    assert g["heldout_rise"] == pytest.approx(g["heldout_loss"] / baseline - 1, rel=1e-12)
+    assert 0 <= g["needle_logprob"] <= 1 and 0 <= g["long_row_fraction"] <= 1
+    # Each stage is a pretraining run at its shape; the retrieval source has 25% of the token weight.
+    rc = json.load(open(d / "run" / "run_config.json"))
+    assert (rc["seq_len"], rc["steps"], rc["batch_size"]) == (t, 2, 8)
+    assert rc["train_files"][-1].endswith(f"retrieval_{2 * t}tok_20docs_seed0.jsonl")
+    assert rc["train_weights"][-1] / sum(rc["train_weights"]) == pytest.approx(0.25, rel=1e-12)
+  # Stage 1 starts from stage 0's final params, with its own RoPE theta; stage 0 keeps the model's.
+  assert json.load(open(root / "stage_0_64" / "gate.json"))["rope_theta"] == 500_000.0
+  assert gates[1]["rope_theta"] == 1e6
+  mesh = sharding.make_mesh(fsdp=-1)
+  _, final0 = orbax_params.load_params(str(root / "stage_0_64" / "final"), mesh)
+  cfg1, start1 = orbax_params.load_params(str(root / "stage_1_128" / "start"), mesh)
+  assert cfg1.rope_theta == 1e6
+  for a, b in zip(jax.tree.leaves(jax.device_get(final0)), jax.tree.leaves(jax.device_get(start1))):
+    np.testing.assert_array_equal(a, b)
+  # The retrieval source is a function of its arguments: rewriting it gives the same bytes.
+  path = rc["train_files"][-1]
+  text = open(path).read()
+  os.remove(path)
+  from llama_jax.data import tokenizers
+  retrieval.write_source(path, tokenizers.load_tokenizer(base_run.tokenizer), tokens_per_doc=256,
+                         num_docs=20, seed=0)
+  assert open(path).read() == text
+  # A gate that can pass does: a 0% needle bar and an unbounded loss rise.
+  passing = _extension(base_run, tmp_path / "ext2", stages=_extension(base_run, root).stages[:1],
+                       gate=long_context.Gate(needle_min=0.0, heldout_max_rise=1e9, needle_trials=1,
+                                              needle_depths=(0.5,), eval_batches=1))
+  assert [g["passed"] for g in long_context.extend(passing)] == [True]
+
+
+def test_anneal_averages_its_checkpoints(base_run, tmp_path):
+  template = dataclasses.replace(base_run, run_dir="unused", steps=4, checkpoint_every=2, keep_checkpoints=1)
+  cfg = annealing.AnnealConfig(run=template, root_dir=str(tmp_path / "anneal"), from_run=base_run.run_dir,
+                               upsample=((base_run.train_files[0], 3.0),))
+  out = annealing.anneal(cfg)
+  run_dir = tmp_path / "anneal" / "run"
+  rc = json.load(open(run_dir / "run_config.json"))
+  assert rc["optim"]["decay"] == "linear" and rc["optim"]["final_lr"] == 0.0 and rc["train_weights"] == [3.0]
+  # keep_period keeps every annealing checkpoint (keep_checkpoints=1 alone would keep one).
+  ckpt = checkpoint.Checkpointer(str(run_dir / "checkpoints"))
+  assert ckpt.all_steps() == [2, 4]
+  ckpt.close()
+  assert out["averaged"] == ["step 2", "step 4"]
+  assert set(out["heldout_loss"]) == {"start", "last", "average"}
+  assert all(np.isfinite(v) for v in out["heldout_loss"].values())
+  # The average is the float64 mean of the two checkpoints' params, and --init_from=orbax: reads it.
+  mesh = sharding.make_mesh(fsdp=-1)
+  config, avg = init_from.load_pretrained(f"orbax:{out['average_dir']}", mesh)
+  ckpt = checkpoint.Checkpointer(str(run_dir / "checkpoints"))
+  opt = dataclasses.replace(template.optim, decay="linear", final_lr=0.0, total_steps=4,
+                            warmup_steps=min(template.optim.warmup_steps, 3))
+  states = [jax.device_get(ckpt.restore(step_lib.abstract_state(config, opt, mesh), step=s)[0].params)
+            for s in (2, 4)]
+  ckpt.close()
+  for a, b, m in zip(jax.tree.leaves(states[0]), jax.tree.leaves(states[1]),
+                     jax.tree.leaves(jax.device_get(avg))):
+    want = (a.astype(np.float64) + b.astype(np.float64)) / 2
+    np.testing.assert_allclose(m, want, rtol=0, atol=1e-7 * max(np.abs(want).max(), 1e-30))
+  with pytest.raises(ConfigError, match=r"--upsample: \['nope'\] are not sources"):
+    annealing.anneal(dataclasses.replace(cfg, upsample=(("nope", 2.0),), root_dir=str(tmp_path / "x")))
