@@ -49,6 +49,12 @@ def _data_to_keys(restored: Any, abstract: Any) -> Any:
                       restored, abstract)
 
 
+def saved_steps(directory: str) -> list[int]:
+  """The finalized checkpoint steps under `directory`, read without starting a CheckpointManager (whose
+  background threads a run that stops on a bad flag should never start)."""
+  return sorted(ocp.path.step.checkpoint_steps(directory))
+
+
 class Checkpointer:
   """Keeps the last `max_to_keep` checkpoints, one every `save_interval_steps` steps, and also every
   checkpoint whose step is a multiple of `keep_period` (if given)."""

@@ -223,16 +223,9 @@ def pretrain(run: RunConfig) -> dict:
   train_src, eval_src, tok = _sources(run)
   # Local (made absolute: Orbax needs it) or a remote URL such as gs://; Orbax and the logs write there.
   run_dir = epath.Path(run.run_dir if "://" in run.run_dir else os.path.abspath(run.run_dir))
-  ckpt = checkpoint.Checkpointer(str(run_dir / "checkpoints"), save_interval_steps=run.checkpoint_every,
-                                 max_to_keep=run.keep_checkpoints, keep_period=run.keep_period)
-  try:  # also on an error: the saves in flight (the last good checkpoint) complete
-    return _setup_and_train(run, ckpt, train_src, eval_src, tok, run_dir)
-  finally:
-    ckpt.close()
-
-
-def _setup_and_train(run, ckpt, train_src, eval_src, tok, run_dir) -> dict:
-  model_cfg = _model_config(run, tok, run_dir, resuming=ckpt.latest_step() is not None)
+  # Every check runs before the checkpoint manager (and its threads) starts: bad input stops cleanly.
+  resuming = bool(checkpoint.saved_steps(str(run_dir / "checkpoints")))
+  model_cfg = _model_config(run, tok, run_dir, resuming=resuming)
   mesh = sharding.make_mesh(data=run.mesh_data, fsdp=run.mesh_fsdp, context=run.mesh_context,
                             tensor=run.mesh_tensor)
   sharding.validate(model_cfg, mesh)
@@ -258,7 +251,12 @@ def _setup_and_train(run, ckpt, train_src, eval_src, tok, run_dir) -> dict:
   eval_ds = (stream_lib.HeldOut.from_sources(eval_src, tok, batch_size=run.batch_size, seq_len=run.seq_len,
                                              restart_positions=run.restart_positions, cache_dir=cache)
              if eval_src else None)
-  return _train(run, ckpt, model_cfg, mesh, stages, stage_of, train_iterator, eval_ds, tok, run_dir)
+  ckpt = checkpoint.Checkpointer(str(run_dir / "checkpoints"), save_interval_steps=run.checkpoint_every,
+                                 max_to_keep=run.keep_checkpoints, keep_period=run.keep_period)
+  try:  # also on an error: the saves in flight (the last good checkpoint) complete
+    return _train(run, ckpt, model_cfg, mesh, stages, stage_of, train_iterator, eval_ds, tok, run_dir)
+  finally:
+    ckpt.close()
 
 
 def _train(run, ckpt, model_cfg, mesh, stages, stage_of, train_iterator, eval_ds, tok, run_dir) -> dict:

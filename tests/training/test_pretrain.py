@@ -132,6 +132,8 @@ def test_cli_error_is_one_clear_line(text_data, tmp_path):
   assert proc.returncode == 1
   assert "Traceback" not in proc.stderr
   assert proc.stderr.strip().splitlines()[-1].startswith("error: --batch_size=3 does not divide")
+  # Checked before the checkpoint manager starts: its threads, stopped by the exit, printed a traceback.
+  assert not os.path.exists(tmp_path / "checkpoints")
 
 
 def test_batch_and_sequence_stages(text_data, tmp_path, capsys):
