@@ -110,7 +110,12 @@ class Checkpointer:
     self.manager.wait_until_finished()
 
   def close(self) -> None:
-    """Waits for the saves in flight, then releases the manager."""
+    """Waits for the saves in flight and the start-up clean-up of temporary directories, then releases the
+    manager. Orbax's close() does not wait for that clean-up thread; a process that exits right after
+    (a run stopped by an error) then prints its traceback at interpreter shutdown."""
+    await_cleanup = getattr(self.manager, "_maybe_await_cleanup_tmp_directory", None)  # orbax 0.12
+    if await_cleanup is not None:
+      await_cleanup()
     self.manager.close()
 
 
