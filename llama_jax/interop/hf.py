@@ -134,17 +134,9 @@ class SafetensorsReader:
 
 
 def read_config(path: str, **config_overrides) -> ModelConfig:
-  if not os.path.isdir(path):
-    raise ConfigError(f"{path}: no such directory; give a Hugging Face checkpoint directory "
-                      "(config.json + model*.safetensors).")
-  cfg_file = os.path.join(path, "config.json")
-  if not os.path.exists(cfg_file):
-    raise ConfigError(f"{path}: no config.json; expected a Hugging Face checkpoint directory.")
-  try:
-    with open(cfg_file) as f:
-      hf = json.load(f)
-  except ValueError as e:
-    raise ConfigError(f"{cfg_file}: not JSON ({e}); use the config.json that came with the weights.") from None
+  _, hf = layout.read_json(path, "config.json",
+                           "a Hugging Face checkpoint directory (config.json + model*.safetensors)",
+                           "use the config.json that came with the weights.")
   return config_from_hf(hf, **config_overrides)
 
 

@@ -13,7 +13,9 @@ largest is an MLP stack), never the whole model.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Protocol
+import json
+import os
+from typing import Any, Callable, Protocol
 
 import jax
 import numpy as np
@@ -45,6 +47,21 @@ class Entry:
   @property
   def stacked(self) -> bool:
     return "{i}" in self.hf_key
+
+
+def read_json(path: str, name: str, expected: str, fix: str) -> tuple[str, Any]:
+  """(file, parsed JSON) of `path`/`name`, a checkpoint's config file; each way it can be missing or
+  broken is one ConfigError. `expected` says what `path` should be, `fix` what to do about a broken file."""
+  if not os.path.isdir(path):
+    raise ConfigError(f"{path}: no such directory; give {expected}.")
+  cfg_file = os.path.join(path, name)
+  if not os.path.exists(cfg_file):
+    raise ConfigError(f"{path}: no {name}; expected {expected}.")
+  try:
+    with open(cfg_file) as f:
+      return cfg_file, json.load(f)
+  except ValueError as e:
+    raise ConfigError(f"{cfg_file}: not JSON ({e}); {fix}") from None
 
 
 def table(config: ModelConfig) -> list[Entry]:

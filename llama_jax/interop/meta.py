@@ -8,7 +8,6 @@ rows to evens-then-odds (`rotate_half`), and so do we on import.
 from __future__ import annotations
 
 import glob
-import json
 import os
 from typing import Any, Mapping
 
@@ -129,18 +128,9 @@ def config_from_meta(meta: Mapping[str, Any], rope_scaling_factor: float | None 
 
 
 def read_config(path: str, rope_scaling_factor: float | None = None, **config_overrides) -> ModelConfig:
-  if not os.path.isdir(path):
-    raise ConfigError(f"{path}: no such directory; give Meta's checkpoint directory "
-                      "(params.json + consolidated.*.pth).")
-  cfg_file = os.path.join(path, "params.json")
-  if not os.path.exists(cfg_file):
-    raise ConfigError(f"{path}: no params.json; expected Meta's checkpoint directory "
-                      "(params.json + consolidated.*.pth).")
-  try:
-    with open(cfg_file) as f:
-      meta = json.load(f)
-  except ValueError as e:
-    raise ConfigError(f"{cfg_file}: not JSON ({e}); use the params.json that came with the weights.") from None
+  _, meta = layout.read_json(path, "params.json",
+                             "Meta's checkpoint directory (params.json + consolidated.*.pth)",
+                             "use the params.json that came with the weights.")
   return config_from_meta(meta, rope_scaling_factor, **config_overrides)
 
 

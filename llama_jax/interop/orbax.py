@@ -17,6 +17,7 @@ import orbax.checkpoint as ocp
 from llama_jax import config as config_lib
 from llama_jax.config import ModelConfig
 from llama_jax.errors import ConfigError
+from llama_jax.interop import layout
 from llama_jax.model import params as params_lib
 
 CONFIG_FILE = "model_config.json"
@@ -36,17 +37,10 @@ def save_params(path: str, params: Any, config: ModelConfig) -> None:
 
 
 def read_config(path: str) -> ModelConfig:
-  path = os.path.abspath(path)
-  if not os.path.isdir(path):
-    raise ConfigError(f"{path}: no such directory; give a directory written by "
-                      "experiments/convert.py --to_format=orbax.")
-  cfg_file = os.path.join(path, CONFIG_FILE)
-  if not os.path.exists(cfg_file):
-    raise ConfigError(f"{path}: no {CONFIG_FILE}; expected a directory written by "
-                      "experiments/convert.py --to_format=orbax.")
+  fix = "re-export the params with experiments/convert.py --to_format=orbax."
+  cfg_file, fields = layout.read_json(os.path.abspath(path), CONFIG_FILE,
+                                      "a directory written by experiments/convert.py --to_format=orbax", fix)
   try:
-    with open(cfg_file) as f:
-      fields = json.load(f)
     return config_lib.from_dict(fields)
   except (ValueError, TypeError) as e:
     if isinstance(e, ConfigError):
