@@ -90,7 +90,6 @@ class TrainStream:
     self._seed, self._pad_id, self._restart, self._shuffle = seed, pad_id, restart_positions, shuffle
     self._orders: dict[int, tuple[int, np.ndarray]] = {}  # source -> (epoch, permutation)
     self.set_state(self.initial_state())
-    self.last_spans: list[list[tuple[int, int, int, int]]] = []  # per row: (source, doc, start, take)
 
   @classmethod
   def from_sources(cls, sources: Sequence[pipeline.Source], tokenizer: Tokenizer, *, seed: int = 0,
@@ -177,12 +176,10 @@ class TrainStream:
     wanted = np.zeros(batch_size, bool)
     wanted[np.arange(batch_size) if rows is None else np.asarray(rows, np.int64)] = True
     out = _empty_batch(batch_size, seq_len, self._pad_id)
-    self.last_spans = []
     for r in range(batch_size):
       i = self._pick_source(seq_len)
       self._tokens[i] += seq_len
       spans = self._row_spans(i, seq_len)
-      self.last_spans.append(spans)
       if wanted[r]:
         self._fill(out, r, spans)
     return out
@@ -239,12 +236,6 @@ class Batches:
 
   def set_state(self, state: dict) -> None:
     self.stream.set_state(state)
-
-
-def restore_state(iterator: Any, state: dict) -> Any:
-  """Sets a restored global data state on `iterator` (a `Batches`) and returns it."""
-  iterator.set_state(state)
-  return iterator
 
 
 class _Chained:

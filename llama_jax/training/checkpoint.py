@@ -21,7 +21,6 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from llama_jax.data import stream
 
 
 def _is_key(x: Any) -> bool:
@@ -104,7 +103,9 @@ class Checkpointer:
       items["data"] = ocp.args.JsonRestore()
     out = self.manager.restore(step, args=ocp.args.Composite(**items))
     state = _data_to_keys(out["state"], abstract_state)
-    return state, (stream.restore_state(data_iterator, out["data"]) if data_iterator is not None else None)
+    if data_iterator is not None:
+      data_iterator.set_state(out["data"])
+    return state, data_iterator
 
   def wait_until_finished(self) -> None:
     self.manager.wait_until_finished()
