@@ -30,11 +30,14 @@ def differences(loaded: ModelConfig, expect: ModelConfig) -> list[str]:
           for f in SHAPE_FIELDS if getattr(loaded, f) != getattr(expect, f)]
 
 
+_READ_CONFIG = {"hf": hf.read_config, "meta": meta.read_config, "orbax": orbax.read_config}
+
+
 def read_config(spec: str) -> ModelConfig:
   """The model config a checkpoint holds (no weights are read)."""
   kind, path = parse(spec)
   try:
-    return {"hf": hf.read_config, "meta": meta.read_config, "orbax": orbax.read_config}[kind](path)
+    return _READ_CONFIG[kind](path)
   except ConfigError as e:
     raise ConfigError(f"--init_from={spec}: {e}") from None
 
@@ -54,7 +57,7 @@ def load_pretrained(spec: str, mesh: Mesh, *, expect: ModelConfig | None = None)
   """
   kind, path = parse(spec)
   try:
-    config = {"hf": hf.read_config, "meta": meta.read_config, "orbax": orbax.read_config}[kind](path)
+    config = _READ_CONFIG[kind](path)
     if expect is not None:
       diff = differences(config, expect)
       if diff:

@@ -20,15 +20,13 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jaxtyping import Array, Float
 
+# The oracle's masked logit: finite, so a row masked so far gives exp(0) rather than NaN, and the first
+# allowed key's rescale exp(_MASKED - m) wipes what it accumulated.
+from llama_jax.kernels.mask import MASKED as _MASKED
 from llama_jax.kernels.mask import MaskInfo
-
-# The oracle's masked logit (llama_jax/model/attention.py): finite, so a row masked so far gives exp(0)
-# rather than NaN, and the first allowed key's rescale exp(_MASKED - m) wipes what it accumulated.
-_MASKED = -0.7 * float(np.finfo(np.float32).max)
 
 
 def _blocks(x, n):

@@ -7,7 +7,13 @@ from __future__ import annotations
 
 import flax.struct
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Int
+
+
+# The logit of a masked pair: finite, so a fully masked row stays NaN-free (the oracle and the kernels
+# must agree on it).
+MASKED = -0.7 * float(np.finfo(np.float32).max)
 
 
 @flax.struct.dataclass
@@ -29,10 +35,12 @@ class MaskInfo:
   causal: bool = flax.struct.field(pytree_node=False, default=True)
 
   @classmethod
-  def self_attention(cls, segment_ids_BT: Int[Array, "B T"] | None = None, causal: bool = True
-                     ) -> "MaskInfo":
-    """Queries and keys are the same tokens of the row (training, scoring, cache-less sampling)."""
-    return cls(q_segment_BT=segment_ids_BT, kv_segment_BS=segment_ids_BT, causal=causal)
+  def self_attention(cls, segment_ids_BT: Int[Array, "B T"] | None = None, causal: bool = True,
+                     row_index_BT: Int[Array, "B T"] | None = None) -> "MaskInfo":
+    """Queries and keys are the same tokens of the row (training, scoring, cache-less sampling);
+    `row_index_BT`: their indices in the row when the tokens are laid out otherwise (context parallelism)."""
+    return cls(q_segment_BT=segment_ids_BT, kv_segment_BS=segment_ids_BT, q_index_BT=row_index_BT,
+               kv_index_BS=row_index_BT, causal=causal)
 
   def indices(self, b: int, t: int, s: int) -> tuple[Int[Array, "B T"], Int[Array, "B S"]]:
     """(q_index_BT, kv_index_BS), arange in the row where None."""

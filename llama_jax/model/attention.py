@@ -14,9 +14,8 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
 from llama_jax.kernels import blockwise
+from llama_jax.kernels.mask import MASKED as _MASKED  # finite: a fully masked row stays NaN-free
 from llama_jax.kernels.mask import MaskInfo  # re-exported: the model's callers import it from here
-
-_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: a fully masked row stays NaN-free
 
 
 def _mask_BTS(info: MaskInfo, b: int, t: int, s: int) -> Bool[Array, "B T S"]:

@@ -190,8 +190,7 @@ class Transformer(nn.Module):
     if positions_BT is None:
       positions_BT = jnp.broadcast_to(jnp.arange(t), (b, t)) if row_index_BT is None else row_index_BT
     # A description; each attention derives its mask.
-    mask = MaskInfo(q_segment_BT=segment_ids_BT, kv_segment_BS=segment_ids_BT, q_index_BT=row_index_BT,
-                    kv_index_BS=row_index_BT, causal=True)
+    mask = MaskInfo.self_attention(segment_ids_BT, row_index_BT=row_index_BT)
 
     # Unit-variance rows feed the pre-norm blocks; a tied table is also the output layer, where unit
     # rows would give logits of size sqrt(D): scale it to keep the initial loss near ln V.
