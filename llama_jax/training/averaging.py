@@ -23,6 +23,7 @@ from jax.sharding import Mesh
 
 from llama_jax.config import ModelConfig
 from llama_jax.errors import ConfigError
+from llama_jax.training import checkpoint
 from llama_jax.interop import orbax as orbax_params
 from llama_jax.model import params as params_lib
 
@@ -45,8 +46,7 @@ def run_sources(run_dir: str, steps: Sequence[int] | None = None) -> tuple[Model
   """The checkpoints of a pretraining run directory: `steps`, or every finished one."""
   root = epath.Path(run_dir if "://" in run_dir else os.path.abspath(run_dir))
   ckpt_dir = root / "checkpoints"
-  # Finished steps only: a write in flight lives in `<step>.orbax-checkpoint-tmp` until it commits.
-  found = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()) if ckpt_dir.exists() else []
+  found = checkpoint.saved_steps(str(ckpt_dir))  # finished steps only, not a write in flight
   if not found:
     raise ConfigError(f"--run_dir={run_dir}: no checkpoints in {ckpt_dir}; give the --run_dir of a "
                       "pretraining run that saved some (see --checkpoint_every).")

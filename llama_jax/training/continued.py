@@ -21,8 +21,8 @@ from llama_jax.data import corpus, pipeline, stream as stream_lib, tokenizers as
 from llama_jax.errors import ConfigError
 from llama_jax.evals import heldout
 from llama_jax.interop import init_from as init_from_lib, orbax as orbax_params
-from llama_jax.parallel import batching, sharding
-from llama_jax.training import averaging, step as train
+from llama_jax.parallel import sharding
+from llama_jax.training import averaging, pretrain, step as train
 from llama_jax.training.pretrain import RunConfig
 
 
@@ -88,8 +88,7 @@ def heldout_loss(config: ModelConfig, params: Any, mesh: Mesh, data: Data, *, ba
                                        batch_size=batch_size, seq_len=seq_len,
                                        restart_positions=restart_positions, cache_dir=cache_dir)
   eval_step = train.make_eval_step(config, mesh)
-  to_global = lambda b: batching.global_batch({k: b[k] for k in stream_lib.FEATURES}, mesh)
-  loss, _ = heldout.heldout_loss(eval_step, params, ds, to_global, batches)
+  loss, _ = heldout.heldout_loss(eval_step, params, ds, lambda b: pretrain.global_batch(b, mesh), batches)
   return loss
 
 

@@ -183,7 +183,7 @@ def _sources(run: RunConfig) -> tuple[list[data.Source], list[data.Source], Any]
   return train_src, eval_src, c.tokenizer()
 
 
-def _global_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+def global_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
   """A global [B, T] host batch → one global array per model input, split over (data, fsdp); each
   process reads only the rows its devices hold (`batching.local_rows`).
 
@@ -278,11 +278,12 @@ def _train(run, ckpt, model_cfg, mesh, stages, stage_of, train_iterator, eval_ds
     state = train.create_train_state(model_cfg, run.optim, mesh, jax.random.key(run.seed), params=params)
   first = int(jax.device_get(state.step))  # the one sync before the loop
   train_step = train.make_train_step(model_cfg, run.optim, mesh)
-  to_global = lambda batch: _global_batch(batch, mesh)
+  to_global = lambda batch: global_batch(batch, mesh)
   evaluate = None
   if eval_ds is not None:
     eval_step = train.make_eval_step(model_cfg, mesh, grad_accum_steps=run.optim.grad_accum_steps)
-    evaluate = lambda params: heldout.heldout_loss(eval_step, params, eval_ds, to_global, run.eval_batches)
+    eval_batches, eval_counts = heldout.prepare(eval_ds, to_global, run.eval_batches)
+    evaluate = lambda params: (heldout.evaluate(eval_step, params, eval_batches), eval_counts)
   log = reporting.Log(run_dir, run.steps, first)
   n_params = sum(int(x.size) for x in jax.tree.leaves(state.params))
   print(f"model: {n_params:,} params, vocab {model_cfg.vocab_size} | mesh {dict(mesh.shape)} | "

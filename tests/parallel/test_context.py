@@ -148,7 +148,7 @@ def test_context_layout_without_row_index_is_wrong(params, one_device):
 
 
 def test_train_step_on_context_mesh_equals_one_device(params):
-  """Host batches go into the layout in `_global_batch`; two steps give the same metrics as one device."""
+  """Host batches go into the layout in `global_batch`; two steps give the same metrics as one device."""
   opt = optim.OptimizerConfig(peak_lr=3e-3, final_lr=3e-4, warmup_steps=0, total_steps=100)
   metrics = {}
   for name, mesh in (("one", sharding.make_mesh(devices=jax.devices()[:1])),
@@ -158,7 +158,7 @@ def test_train_step_on_context_mesh_equals_one_device(params):
     step = train.make_train_step(CFG, opt, mesh)
     metrics[name] = []
     for seed in (0, 1):
-      global_batch = pretrain._global_batch(packed_batch(seed), mesh)
+      global_batch = pretrain.global_batch(packed_batch(seed), mesh)
       assert ("row_index" in global_batch) == (name == "cp")
       state, m = step(state, global_batch)
       metrics[name].append(_host(m))

@@ -11,7 +11,7 @@ of the rows.
 Everything else is `llama_jax.training.pretrain.pretrain` as the entry point runs it (smoke model,
 checkpoints every 6 steps, resume from RUN_DIR's latest checkpoint).
 
-What the process feeds is recorded from the global arrays the runner builds (its `_global_batch`): per
+What the process feeds is recorded from the global arrays the runner builds (its `global_batch`): per
 step, for every global row one of its devices holds, the sha256 of that row's bytes of every feature, read
 back from the device shards. They are written to RUN_DIR.rows.p<PROCESS_ID>.json:
   {"process": i, "num_processes": n, "first_step": s, "train": {step: {row: [hashes]}}, "heldout": [...]}
@@ -63,7 +63,7 @@ def crossing_mesh(*, data: int, fsdp: int, context: int = 1, tensor: int, device
 
 
 class RowRecorder:
-  """Wraps the runner's `_global_batch`: hashes the rows each call puts on this process's devices."""
+  """Wraps the runner's `global_batch`: hashes the rows each call puts on this process's devices."""
 
   def __init__(self):
     self.first_step = None
@@ -91,8 +91,8 @@ class RowRecorder:
     return {r: sorted(hs) for r, hs in sorted(out.items())}
 
   def install(self):
-    global_batch, run_loop = runner._global_batch, runner.loop.run
-    heldout_loss = runner.heldout.heldout_loss
+    global_batch, run_loop = runner.global_batch, runner.loop.run
+    prepare_heldout = runner.heldout.prepare
 
     def recording_global_batch(batch, mesh):
       arrays = global_batch(batch, mesh)
@@ -107,17 +107,17 @@ class RowRecorder:
       self.first_step = kw["first_step"]
       return run_loop(**kw)
 
-    def recording_heldout_loss(*a, **kw):
+    def recording_prepare(*a, **kw):
       self._in_heldout = True
       try:
-        return heldout_loss(*a, **kw)
+        return prepare_heldout(*a, **kw)
       finally:
         self._in_heldout = False
 
     # The runner looks these up as module attributes at call time.
-    runner._global_batch = recording_global_batch
+    runner.global_batch = recording_global_batch
     runner.loop.run = recording_run
-    runner.heldout.heldout_loss = recording_heldout_loss
+    runner.heldout.prepare = recording_prepare
 
   def write(self, path: str):
     with open(path, "w") as f:
