@@ -22,7 +22,7 @@ from llama_jax.errors import ConfigError
 
 
 def check_seq_len(seq_len: int, cp: int) -> None:
-  if seq_len % (2 * cp):
+  if cp > 1 and seq_len % (2 * cp):  # without context parallelism a row is not cut
     raise ConfigError(f"--seq_len={seq_len} is not divisible by 2 x --mesh_context={cp} = {2 * cp} (context "
                       f"parallelism cuts each row into {2 * cp} chunks); use a multiple of {2 * cp}.")
 
@@ -30,6 +30,8 @@ def check_seq_len(seq_len: int, cp: int) -> None:
 def context_order(seq_len: int, cp: int) -> np.ndarray:
   """The row positions in layout order: chunks 0, 2·CP−1, 1, 2·CP−2, …, CP−1, CP (int32 [T])."""
   check_seq_len(seq_len, cp)
+  if cp == 1:
+    return np.arange(seq_len, dtype=np.int32)
   c = seq_len // (2 * cp)
   chunks = [j for i in range(cp) for j in (i, 2 * cp - 1 - i)]
   return np.concatenate([np.arange(j * c, (j + 1) * c) for j in chunks]).astype(np.int32)

@@ -166,3 +166,11 @@ def test_train_step_on_context_mesh_equals_one_device(params):
     assert mc["tokens"] == m1["tokens"]
     for k in ("loss", "grad_norm"):
       np.testing.assert_allclose(mc[k], m1[k], rtol=1e-5, err_msg=k)
+
+
+def test_no_context_parallelism_takes_any_length():
+  # --mesh_context=1 cuts nothing: an odd --seq_len is a valid row (it was refused as "not divisible by 2").
+  context.check_seq_len(127, 1)
+  np.testing.assert_array_equal(context.context_order(127, 1), np.arange(127))
+  with pytest.raises(ConfigError, match=r"--seq_len=127 is not divisible by 2 x --mesh_context=2 = 4"):
+    context.check_seq_len(127, 2)
