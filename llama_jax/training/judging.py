@@ -89,7 +89,8 @@ def candidate_mix(data: continued.Data, cand: Candidate, share: float) -> contin
   """The default mix at (1 - share) of the tokens in its own proportions, plus the candidate (the last
   source) at `share`; the stream's weights are token shares (data/stream.py)."""
   total = sum(data.weights)
-  return dataclasses.replace(data, names=data.names + (cand.name,), train_files=data.train_files + (cand.path,),
+  return dataclasses.replace(data, names=data.names + (f"candidate:{cand.name}",),
+                             train_files=data.train_files + (cand.path,),
                              weights=tuple(w / total * (1 - share) for w in data.weights) + (share,))
 
 
@@ -154,9 +155,8 @@ def judge_sources(cfg: JudgeConfig) -> dict:
       print(f"{name}: done before ({done})", flush=True)
       return res
     # No held-out pass inside the run: the arms are scored below, per source, on the same batches.
-    run = dataclasses.replace(annealing.annealing_run(cfg.run, dataclasses.replace(mix, eval_files=()),
-                                                      os.path.join(d, "run"), start),
-                              eval_every=cfg.run.steps)
+    run = annealing.annealing_run(cfg.run, dataclasses.replace(mix, eval_files=()), os.path.join(d, "run"),
+                                  start)
     print(f"=== {name}: {run.steps} steps, LR {r.optim.peak_lr:g} -> 0 linearly, token shares "
           f"{dict(zip(mix.names, (round(w / sum(mix.weights), 4) for w in mix.weights)))}", flush=True)
     pretrain(run)

@@ -81,6 +81,7 @@ def test_judge_share_control_and_ordering(base_run, candidates, tmp_path, capsys
                              0.7 * np.array(ctl["train_weights"]) / sum(ctl["train_weights"]), rtol=1e-12)
 
   # The report can fail and pass: the held-out set itself helps more than random characters.
+  # Measured: copy -0.068, garbage +0.032 (control 6.391, start 6.631).
   assert copy["delta_overall"] < 0 < garbage["delta_overall"]
   for c in (copy, garbage):
     assert c["delta_overall"] == pytest.approx(c["overall"] - out["control"]["overall"], abs=1e-12)
