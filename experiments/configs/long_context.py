@@ -1,4 +1,5 @@
-"""Long-context extension and annealing configs as values (experiments/long_context.py, anneal.py).
+"""Long-context extension, annealing and data-judging configs as values (experiments/long_context.py,
+anneal.py, judge_data.py).
 
 `tiny`: the smoke model pretrained at 64 tokens (`pretrain.py --config=longctx_base`), extended to 8x that
 length in 3 stages (128, 256, 512) with 25% synthetic retrieval documents; the gate asks 90% needle
@@ -12,6 +13,7 @@ import dataclasses
 from experiments.configs.pretrain import CONFIGS as PRETRAIN
 from llama_jax.training import optim
 from llama_jax.training.annealing import AnnealConfig
+from llama_jax.training.judging import JudgeConfig
 from llama_jax.training.long_context import ExtensionConfig, ExtensionStage, Gate
 
 # The template of the stage runs: the pretraining base's model and data, a constant-ish LR.
@@ -35,4 +37,14 @@ ANNEAL = {
         run=dataclasses.replace(_BASE, steps=100, checkpoint_every=20, eval_every=100,
                                 optim=dataclasses.replace(_BASE.optim, warmup_steps=0)),
         root_dir="runs/anneal", upsample=(("python", 2.0),)),
+}
+
+JUDGE = {
+    # [P] §3.1.3 at toy scale: from the half-trained base, 50 steps LR 1e-3 -> 0 per arm, the candidate
+    # at 30% of the tokens and the corpus mix at 70%, against a control on the corpus mix alone.
+    # Candidates: --candidates=python,retrieval,path/to/file.jsonl (here: more code, and key-value lists).
+    "tiny": JudgeConfig(
+        run=dataclasses.replace(_BASE, steps=50, checkpoint_every=25,
+                                optim=dataclasses.replace(_BASE.optim, warmup_steps=0)),
+        root_dir="runs/judge", candidates=("python", "retrieval"), candidate_share=0.3),
 }

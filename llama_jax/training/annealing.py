@@ -46,6 +46,17 @@ def _weights(cfg: AnnealConfig, data: continued.Data) -> tuple[float, ...]:
   return tuple(w * up.get(n, 1.0) for n, w in zip(data.names, data.weights))
 
 
+def annealing_run(template: RunConfig, data: continued.Data, run_dir: str, start: str) -> RunConfig:
+  """`template` as an annealing run on `data` from `start` (orbax:): the LR from optim.peak_lr linearly
+  to 0 at the last step, every checkpoint_every checkpoint kept."""
+  o = template.optim
+  return dataclasses.replace(
+      continued.with_data(template, data), run_dir=run_dir, init_from=start,
+      optim=dataclasses.replace(o, decay="linear", final_lr=0.0, total_steps=template.steps,
+                                warmup_steps=min(o.warmup_steps, template.steps - 1)),
+      keep_period=template.checkpoint_every, sample_prompts=())
+
+
 def anneal(cfg: AnnealConfig) -> dict:
   """Runs (or resumes) the annealing, averages its checkpoints; returns the held-out losses."""
   root = os.path.abspath(cfg.root_dir)
@@ -56,11 +67,7 @@ def anneal(cfg: AnnealConfig) -> dict:
   start = continued.materialize_start(os.path.join(root, "start"), mesh, init_from=cfg.init_from,
                                       from_run=cfg.from_run)
   o = cfg.run.optim
-  run = dataclasses.replace(
-      continued.with_data(cfg.run, data), run_dir=os.path.join(root, "run"), init_from=start,
-      optim=dataclasses.replace(o, decay="linear", final_lr=0.0, total_steps=cfg.run.steps,
-                                warmup_steps=min(o.warmup_steps, cfg.run.steps - 1)),
-      keep_period=cfg.run.checkpoint_every, sample_prompts=())
+  run = annealing_run(cfg.run, data, os.path.join(root, "run"), start)
   print(f"annealing: {run.steps} steps, LR {o.peak_lr:g} -> 0 linearly, weights "
         f"{dict(zip(data.names, (round(w, 4) for w in data.weights)))}", flush=True)
   pretrain(run)
