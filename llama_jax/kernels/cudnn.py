@@ -41,6 +41,12 @@ def check_supported(backend: str, dtype, info: MaskInfo) -> None:
   if info.q_index_BT is not None or info.kv_index_BS is not None:
     raise ConfigError("--attention_impl=cudnn masks by position in the row and cannot take row indices "
                       "(the context-parallel layout, --mesh_context > 1); use --attention_impl=blockwise.")
+  if info.q_segment_BT is not None:
+    from jax._src.cudnn import fused_attention_stablehlo as fa  # private: see the module docstring
+
+    if not fa.check_compute_capability("9.0"):
+      raise ConfigError("--attention_impl=cudnn: packed documents need cuDNN's packed layout, which needs a "
+                        "Hopper GPU or later (sm_90); use --attention_impl=blockwise (or auto).")
 
 
 def segment_runs(segment_BT: Int[Array, "B T"], max_segments: int = MAX_SEGMENTS

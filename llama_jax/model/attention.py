@@ -56,8 +56,9 @@ def _xla_attention(q_BTKGH, k_BSKH, v_BSKH, info: MaskInfo):
 
 def resolve(impl: str, backend: str, dtype, t: int, s: int, info: MaskInfo) -> str:
   """The implementation 'auto' stands for here (any other choice is returned as given): splash on TPU,
-  cuDNN on GPU (bfloat16/float16), einsum on CPU; blockwise on an accelerator whose kernel cannot take
-  this attention (row indices of the context-parallel layout; lengths not multiples of 128 on TPU)."""
+  cuDNN on GPU, einsum on CPU; on an accelerator whose kernel cannot take this attention (row indices of
+  the context-parallel layout, lengths off splash's 128 grid, float32 or packed documents before Hopper
+  for cuDNN), blockwise: memory linear in the length, like the kernels."""
   if impl != "auto":
     return impl
   if backend == "tpu":
@@ -66,7 +67,7 @@ def resolve(impl: str, backend: str, dtype, t: int, s: int, info: MaskInfo) -> s
     try:
       cudnn.check_supported(backend, dtype, info)
     except ConfigError:
-      return "blockwise" if info.q_index_BT is not None else "einsum"
+      return "blockwise"
     return "cudnn"
   return "einsum"
 
