@@ -97,19 +97,25 @@ CFG = dataclasses.replace(C.TINY, vocab_size=128, attention_block_size=BLOCK)
 
 def test_transformer_splash_equals_einsum():
   """The tiny model (N=4, K=2) with attention_impl='splash', sharded over data x fsdp x tensor = 2x2x2
-  (the kernel in a shard_map over batch and KV heads): logits equal the einsum model's within 1e-5 on
-  packed documents with padding."""
+  (the kernel in a shard_map over batch and KV heads): logits and the loss's parameter gradients equal
+  the einsum model's within 1e-5 on packed documents with padding."""
   b, t = 4, 128
   mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2, devices=jax.devices()[:8])
   params = P.init_params(CFG, mesh, jax.random.key(0))
   rng = np.random.default_rng(4)
-  tokens = jnp.asarray(rng.integers(0, CFG.vocab_size, (b, t)), jnp.int32)
+  tokens = jnp.asarray(rng.integers(0, CFG.vocab_size, (b, t + 1)), jnp.int32)
   seg = jnp.asarray(_packed(b, t, [50, 40, 30]))
 
-  def logits(cfg):
-    with sharding.use(mesh, sharding.logical_rules(cfg, mesh)):
-      return np.asarray(jax.jit(lambda p: Transformer(cfg).apply({"params": p}, tokens, None, seg))(params))
+  def logits_and_grads(cfg):
+    def loss(p):
+      logits = Transformer(cfg).apply({"params": p}, tokens[:, :-1], None, seg)
+      logp = jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], -1)[..., 0]
+      return -(logp * (seg > 0)).sum() / (seg > 0).sum(), logits
 
-  got = logits(dataclasses.replace(CFG, attention_impl="splash"))
-  want = logits(dataclasses.replace(CFG, attention_impl="einsum"))
-  np.testing.assert_allclose(got, want, atol=TOL, rtol=TOL)
+    with sharding.use(mesh, sharding.logical_rules(cfg, mesh)):
+      return jax.tree.map(np.asarray, jax.jit(jax.value_and_grad(loss, has_aux=True))(params))
+
+  got = logits_and_grads(dataclasses.replace(CFG, attention_impl="splash"))
+  want = logits_and_grads(dataclasses.replace(CFG, attention_impl="einsum"))
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, atol=TOL, rtol=TOL)
