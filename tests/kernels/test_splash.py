@@ -19,6 +19,7 @@ from llama_jax.parallel import sharding
 
 TOL = 1e-5  # fp32: the same terms, summed in another order (and q scaled before the product)
 BLOCK = 128  # the kernel's smallest block (the TPU lane width)
+CFG = dataclasses.replace(C.TINY, vocab_size=128, attention_block_size=BLOCK)
 
 
 def _qkv(rng, b, t, k, g, h=16):
@@ -90,9 +91,13 @@ def test_refuses_row_indices_and_short_blocks():
   with pytest.raises(ConfigError, match=r"attention_block_size=64 and the query length 128 give blocks of "
                                         r"64, not a multiple of 128"):
     splash.splash_attention(q, kk, v, MaskInfo.self_attention(), block_size=64)
-
-
-CFG = dataclasses.replace(C.TINY, vocab_size=128, attention_block_size=BLOCK)
+  # The sequence split over `context` (the model's layout under --mesh_context=2): each device would see
+  # a slice of the row under a causal mask that starts at 0.
+  mesh = sharding.make_mesh(data=1, fsdp=4, context=2, devices=jax.devices()[:8])
+  with sharding.use(mesh, sharding.logical_rules(CFG, mesh)):
+    with pytest.raises(ConfigError, match=r"--attention_impl=splash: the sequence is split over the mesh "
+                                          r"\(--mesh_context > 1\); use --attention_impl=blockwise\."):
+      jax.eval_shape(lambda q, kk, v: splash.splash_attention(q, kk, v, MaskInfo.self_attention()), q, kk, v)
 
 
 def test_transformer_splash_equals_einsum():
