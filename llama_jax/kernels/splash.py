@@ -35,13 +35,18 @@ Q_AXES = ("act_batch", "act_seq", "act_kv_heads", "act_q_per_kv", "act_head_dim"
 KV_AXES = ("act_batch", "act_kv_seq", "act_kv_heads", "act_head_dim")
 
 
-def unsupported(t: int, s: int, info: MaskInfo) -> str | None:
+def unsupported(t: int, s: int, info: MaskInfo, block_size: int = 512) -> str | None:
   """Why splash cannot compute this attention (None: it can)."""
   if info.q_index_BT is not None or info.kv_index_BS is not None:
     return ("it takes a static causal mask, not row indices (the context-parallel layout, "
             "--mesh_context > 1, or a KV cache offset)")
   if t % LANES or s % LANES:
     return f"it needs lengths that are multiples of {LANES}, got {t} queries x {s} keys"
+  for name, n in (("query length", t), ("key length", s)):
+    if math.gcd(block_size, n) % LANES:
+      return (f"ModelConfig.attention_block_size={block_size} and the {name} {n} give blocks of "
+              f"{math.gcd(block_size, n)}, not a multiple of {LANES} (set attention_block_size to a multiple "
+              f"of {LANES})")
   return None
 
 
@@ -84,14 +89,9 @@ def splash_attention(q_BTKGH: Float[Array, "B T K G H"], k_BSKH: Float[Array, "B
   """Grouped-query softmax attention with scale 1/sqrt(H), masked as `info` describes, by the splash
   kernel in blocks of gcd(block_size, length) (multiples of 128). `interpret`: None = off TPU only."""
   t, s = q_BTKGH.shape[1], k_BSKH.shape[1]
-  why = unsupported(t, s, info)
+  why = unsupported(t, s, info, block_size)
   if why is not None:
     raise ConfigError(f"--attention_impl=splash: {why}; use --attention_impl=blockwise (or auto).")
-  for name, n in (("query length", t), ("key length", s)):
-    if math.gcd(block_size, n) % LANES:
-      raise ConfigError(f"--attention_impl=splash: ModelConfig.attention_block_size={block_size} and the {name} "
-                        f"{n} give blocks of {math.gcd(block_size, n)}, not a multiple of {LANES}; set "
-                        f"attention_block_size to a multiple of {LANES} that divides the length.")
   if interpret is None:
     interpret = jax.default_backend() != "tpu"
   local = functools.partial(_local, causal=info.causal, block_size=block_size, interpret=interpret)

@@ -50,19 +50,20 @@ def _xla_attention(q_BTKGH, k_BSKH, v_BSKH, info: MaskInfo):
   # It has no segment ids (jax 0.10.2: mask, is_causal, sequence lengths, windows), so the mask is built
   # here, for this call only.
   mask_BTS = _mask_BTS(info, b, t, k_BSKH.shape[1])
-  out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None], implementation="xla")
+  out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None],
+                                          implementation="xla")
   return out_BTNH.reshape(b, t, k, g, h)
 
 
-def resolve(impl: str, backend: str, dtype, t: int, s: int, info: MaskInfo) -> str:
+def resolve(impl: str, backend: str, dtype, t: int, s: int, info: MaskInfo, block_size: int = 512) -> str:
   """The implementation 'auto' stands for here (any other choice is returned as given): splash on TPU,
   cuDNN on GPU, einsum on CPU; on an accelerator whose kernel cannot take this attention (row indices of
-  the context-parallel layout, lengths off splash's 128 grid, float32 or packed documents before Hopper
+  the context-parallel layout, lengths or blocks off splash's 128 grid, float32 or packed documents before Hopper
   for cuDNN), blockwise: memory linear in the length, like the kernels."""
   if impl != "auto":
     return impl
   if backend == "tpu":
-    return "splash" if splash.unsupported(t, s, info) is None else "blockwise"
+    return "splash" if splash.unsupported(t, s, info, block_size) is None else "blockwise"
   if backend == "gpu":
     try:
       cudnn.check_supported(backend, dtype, info)
@@ -83,7 +84,8 @@ def attention(q_BTKGH: Float[Array, "B T K G H"], k_BSKH: Float[Array, "B S K H"
   any backend: llama_jax/kernels/blockwise.py), 'auto' (by backend: `resolve`). `block_size`: queries ×
   keys per block of blockwise and splash.
   """
-  impl = resolve(impl, jax.default_backend(), q_BTKGH.dtype, q_BTKGH.shape[1], k_BSKH.shape[1], info)
+  impl = resolve(impl, jax.default_backend(), q_BTKGH.dtype, q_BTKGH.shape[1], k_BSKH.shape[1], info,
+                 block_size)
   if impl == "einsum":
     return _einsum_attention(q_BTKGH, k_BSKH, v_BSKH, info)
   if impl == "xla":

@@ -34,6 +34,12 @@ def test_auto_by_backend(backend, dtype, t, info, want):
   assert A.resolve("auto", backend, dtype, t, t, info) == want
 
 
+def test_auto_on_tpu_takes_blockwise_for_blocks_off_the_grid():
+  """attention_block_size=64 gives splash blocks of 64 (it needs multiples of 128): blockwise instead."""
+  assert A.resolve("auto", "tpu", jnp.bfloat16, 256, 256, CAUSAL, block_size=64) == "blockwise"
+  assert A.resolve("auto", "tpu", jnp.bfloat16, 256, 256, CAUSAL, block_size=384) == "splash"  # blocks of 128
+
+
 @pytest.mark.parametrize("impl", ["einsum", "xla", "cudnn", "splash", "blockwise"])
 def test_explicit_choice_overrides(impl):
   for backend in ("cpu", "gpu", "tpu"):

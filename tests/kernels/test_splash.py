@@ -89,7 +89,7 @@ def test_refuses_row_indices_and_short_blocks():
                                         r"128, got 64 queries x 64 keys"):
     splash.splash_attention(q[:, :64], kk[:, :64], v[:, :64], MaskInfo.self_attention())
   with pytest.raises(ConfigError, match=r"attention_block_size=64 and the query length 128 give blocks of "
-                                        r"64, not a multiple of 128"):
+                                        r"64, not a multiple of 128 \(set attention_block_size to a multiple of 128\)"):
     splash.splash_attention(q, kk, v, MaskInfo.self_attention(), block_size=64)
   # The sequence split over `context` (the model's layout under --mesh_context=2): each device would see
   # a slice of the row under a causal mask that starts at 0.
