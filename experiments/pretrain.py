@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments.configs.pretrain import CONFIGS  # noqa: E402
 from llama_jax.parallel import distributed  # noqa: E402
 from llama_jax.training import pretrain as runner, stages  # noqa: E402
+from llama_jax.config import AttentionImpl  # noqa: E402
 from llama_jax.errors import ConfigError  # noqa: E402
 
 _CONFIG = flags.DEFINE_enum("config", "default", sorted(CONFIGS), "Named run config.")
@@ -48,6 +49,8 @@ _ACCUM = flags.DEFINE_integer("grad_accum_steps", None, "Microbatches per optimi
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype (params stay fp32).")
 _REMAT = flags.DEFINE_enum("remat_policy", None, ["none", "full", "dots_saveable",
                                                   "dots_with_no_batch_dims_saveable"], "Rematerialization.")
+_ATTENTION = flags.DEFINE_enum("attention_impl", None, list(AttentionImpl.__args__),
+                               "Attention kernel; auto: splash on TPU, cuDNN on GPU, einsum on CPU.")
 distributed.define_flags()
 FLAGS = flags.FLAGS
 
@@ -71,7 +74,8 @@ def run_config() -> runner.RunConfig:
     opt["total_steps"] = over["steps"]
     if "warmup_steps" not in opt and run.optim.warmup_steps >= over["steps"]:
       opt["warmup_steps"] = max(1, over["steps"] // 10)  # a short run keeps a proportionate warmup
-  model = {k: v for k, v in (("dtype", _DTYPE.value), ("remat_policy", _REMAT.value)) if v is not None}
+  model = {k: v for k, v in (("dtype", _DTYPE.value), ("remat_policy", _REMAT.value),
+                             ("attention_impl", _ATTENTION.value)) if v is not None}
   return dataclasses.replace(run, optim=dataclasses.replace(run.optim, **opt),
                              model=dataclasses.replace(run.model, **model), **over)
 

@@ -14,7 +14,7 @@ from typing import Literal
 from llama_jax.errors import ConfigError
 
 RematPolicy = Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"]
-AttentionImpl = Literal["einsum", "xla", "cudnn", "blockwise"]
+AttentionImpl = Literal["auto", "einsum", "xla", "cudnn", "splash", "blockwise"]
 DType = Literal["float32", "bfloat16", "float16"]
 
 LLAMA3_VOCAB = 128_256  # 128,000 BPE ranks + 256 special tokens
@@ -57,8 +57,9 @@ class ModelConfig:
   param_dtype: DType = "float32"
   scan_layers: bool = True
   remat_policy: RematPolicy = "none"
-  attention_impl: AttentionImpl = "einsum"
-  attention_block_size: int = 512  # queries × keys per block of attention_impl="blockwise"
+  # "auto": splash on TPU, cuDNN on GPU (bf16/fp16), einsum on CPU (model/attention.py, resolve).
+  attention_impl: AttentionImpl = "auto"
+  attention_block_size: int = 512  # queries × keys per block of attention_impl="blockwise" or "splash"
 
   def __post_init__(self):
     def need(ok: bool, field: str, msg: str):

@@ -1,4 +1,4 @@
-"""Attention kernels behind one function. The plain einsum version is the default and the test oracle.
+"""Attention kernels behind one function. The plain einsum version is the test oracle (and CPU's choice).
 
 Shapes: q_BTKGH, k_BSKH, v_BSKH, a `MaskInfo` (the mask *description*) → out_BTKGH.
 
@@ -13,7 +13,9 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
-from llama_jax.kernels import blockwise
+from llama_jax.config import AttentionImpl
+from llama_jax.errors import ConfigError
+from llama_jax.kernels import blockwise, cudnn, splash
 from llama_jax.kernels.mask import MASKED as _MASKED  # finite: a fully masked row stays NaN-free
 from llama_jax.kernels.mask import MaskInfo  # re-exported: the model's callers import it from here
 
@@ -41,7 +43,7 @@ def _einsum_attention(q_BTKGH, k_BSKH, v_BSKH, info: MaskInfo):
   return jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BSKH)
 
 
-def _library_attention(q_BTKGH, k_BSKH, v_BSKH, info: MaskInfo, implementation):
+def _xla_attention(q_BTKGH, k_BSKH, v_BSKH, info: MaskInfo):
   b, t, k, g, h = q_BTKGH.shape
   # jax.nn.dot_product_attention takes N = K*G query heads, kv head of query head n being n // G.
   q_BTNH = q_BTKGH.reshape(b, t, k * g, h)
@@ -49,8 +51,26 @@ def _library_attention(q_BTKGH, k_BSKH, v_BSKH, info: MaskInfo, implementation):
   # here, for this call only.
   mask_BTS = _mask_BTS(info, b, t, k_BSKH.shape[1])
   out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None],
-                                          implementation=implementation)
+                                          implementation="xla")
   return out_BTNH.reshape(b, t, k, g, h)
+
+
+def resolve(impl: str, backend: str, dtype, t: int, s: int, info: MaskInfo, block_size: int = 512) -> str:
+  """The implementation 'auto' stands for here (any other choice is returned as given): splash on TPU,
+  cuDNN on GPU, einsum on CPU; on an accelerator whose kernel cannot take this attention (row indices of
+  the context-parallel layout, lengths or blocks off splash's 128 grid, float32 or packed documents before Hopper
+  for cuDNN), blockwise: memory linear in the length, like the kernels."""
+  if impl != "auto":
+    return impl
+  if backend == "tpu":
+    return "splash" if splash.unsupported(t, s, info, block_size) is None else "blockwise"
+  if backend == "gpu":
+    try:
+      cudnn.check_supported(backend, dtype, info)
+    except ConfigError:
+      return "blockwise"
+    return "cudnn"
+  return "einsum"
 
 
 def attention(q_BTKGH: Float[Array, "B T K G H"], k_BSKH: Float[Array, "B S K H"],
@@ -58,14 +78,22 @@ def attention(q_BTKGH: Float[Array, "B T K G H"], k_BSKH: Float[Array, "B S K H"
               impl: str = "einsum", block_size: int = 512) -> Float[Array, "B T K G H"]:
   """Grouped-query softmax attention with scale 1/sqrt(H), masked as `info` describes.
 
-  impl: 'einsum' (plain, any backend), 'xla' (jax.nn.dot_product_attention), 'cudnn' (fused GPU kernel,
-  needs bf16/fp16 inputs on a GPU), 'blockwise' (memory linear in the length, any backend; blocks of
-  `block_size` queries × keys: llama_jax/kernels/blockwise.py).
+  impl: 'einsum' (plain, any backend), 'xla' (jax.nn.dot_product_attention with a materialized mask),
+  'cudnn' (fused GPU kernel, bf16/fp16: llama_jax/kernels/cudnn.py), 'splash' (Pallas TPU kernel; off TPU
+  in interpret mode, for tests: llama_jax/kernels/splash.py), 'blockwise' (memory linear in the length,
+  any backend: llama_jax/kernels/blockwise.py), 'auto' (by backend: `resolve`). `block_size`: queries ×
+  keys per block of blockwise and splash.
   """
+  impl = resolve(impl, jax.default_backend(), q_BTKGH.dtype, q_BTKGH.shape[1], k_BSKH.shape[1], info,
+                 block_size)
   if impl == "einsum":
     return _einsum_attention(q_BTKGH, k_BSKH, v_BSKH, info)
-  if impl in ("xla", "cudnn"):
-    return _library_attention(q_BTKGH, k_BSKH, v_BSKH, info, impl)
+  if impl == "xla":
+    return _xla_attention(q_BTKGH, k_BSKH, v_BSKH, info)
+  if impl == "cudnn":
+    return cudnn.cudnn_attention(q_BTKGH, k_BSKH, v_BSKH, info)
+  if impl == "splash":
+    return splash.splash_attention(q_BTKGH, k_BSKH, v_BSKH, info, block_size)
   if impl == "blockwise":
     return blockwise.blockwise_attention(q_BTKGH, k_BSKH, v_BSKH, info, block_size, block_size)
-  raise ValueError(f"attention impl {impl!r}: choose 'einsum', 'xla', 'cudnn' or 'blockwise'.")
+  raise ValueError(f"attention impl {impl!r}: choose one of {AttentionImpl.__args__}.")

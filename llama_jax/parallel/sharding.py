@@ -167,3 +167,18 @@ def check_divisible(shape: Sequence[int], logical_axes: Sequence[str]) -> None:
     if size % n:
       raise ConfigError(f"{name.removeprefix('act_')} size {size} does not divide over mesh axes {axes} "
                         f"({n} devices); use a multiple of {n} (e.g. --batch_size).")
+
+
+def activation_spec(logical_axes: Sequence[str]) -> PartitionSpec | None:
+  """The PartitionSpec of an activation with these logical axes in this context (for the shard_map of a
+  kernel, which must name mesh axes); None outside `use(...)` (no mesh: nothing to map over)."""
+  if jax.sharding.get_abstract_mesh().empty:
+    return None
+  return nn.logical_to_mesh_axes(tuple(logical_axes), nn.get_logical_axis_rules())
+
+
+def spec_devices(entry: Any) -> int:
+  """How many devices one PartitionSpec entry (None, an axis or a tuple of axes) splits a dimension over."""
+  mesh = jax.sharding.get_abstract_mesh()
+  axes = (entry,) if isinstance(entry, str) else (entry or ())
+  return int(np.prod([mesh.shape[a] for a in axes]))
