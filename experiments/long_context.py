@@ -27,6 +27,9 @@ _FROM_RUN = flags.DEFINE_string("from_run", None, "Start from the latest checkpo
                                 "run_dir (instead of --init_from).")
 _STOP = flags.DEFINE_bool("stop_on_gate_failure", None, "Stop after a stage that fails its gate.")
 _RETRIEVAL = flags.DEFINE_float("retrieval_weight", None, "Token share of synthetic retrieval documents.")
+_FORMAT = flags.DEFINE_enum("retrieval_format", None, ["kv", "facts"], "Synthetic retrieval documents: "
+                            "key-value lists, or facts planted in training text and asked back (the "
+                            "needle's form with other subjects) mixed with passages to repeat.")
 _STEPS = flags.DEFINE_integer("stage_steps", None, "Steps of every stage (default: the config's).")
 _NEEDLE_MIN = flags.DEFINE_float("needle_min", None, "Gate: needle log-prob accuracy needed (0..1).")
 _MAX_RISE = flags.DEFINE_float("heldout_max_rise", None, "Gate: allowed relative rise of the short-context "
@@ -56,7 +59,8 @@ def extension_config() -> long_context.ExtensionConfig:
           if v is not None}
   top = {k: v for k, v in (("root_dir", _ROOT.value), ("init_from", _INIT.value),
                            ("from_run", _FROM_RUN.value), ("stop_on_gate_failure", _STOP.value),
-                           ("retrieval_weight", _RETRIEVAL.value)) if v is not None}
+                           ("retrieval_weight", _RETRIEVAL.value),
+                           ("retrieval_format", _FORMAT.value)) if v is not None}
   stages = cfg.stages
   if _STEPS.value is not None:
     stages = tuple(dataclasses.replace(s, steps=_STEPS.value) for s in stages)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Sequence
 
 import numpy as np
 
@@ -51,17 +52,66 @@ def parse(text: str) -> list[tuple[int, int]]:
 
 
 def write_source(path: str, tokenizer, *, tokens_per_doc: int, num_docs: int, seed: int = 0,
-                 repeat: float = 0.5) -> str:
-  """A JSONL file of `num_docs` documents of about `tokens_per_doc` tokens each (written once: the file is
-  a function of its arguments, named by them by the caller)."""
+                 repeat: float = 0.5, filler: Sequence[str] | None = None) -> str:
+  """A JSONL file of `num_docs` documents (written once: the file is a function of its arguments, named by
+  them by the caller). Key-value lists of about `tokens_per_doc` tokens each, or, given `filler` texts,
+  fact documents (`fact_document`) of `tokens_per_doc` / 4 .. `tokens_per_doc` tokens, so that facts and
+  questions are at every distance up to the row length."""
   if os.path.exists(path):
     return path
-  per_line = len(tokenizer.encode(document(seed, 0, 64, repeat))) / 65  # tokens per line, measured
-  lines = max(2, int(tokens_per_doc / per_line))
+  if filler:
+    sample = "".join(filler)[:20000]
+    chars_per_token = len(sample) / max(1, len(tokenizer.encode(sample)))  # measured on the filler
+    rng = np.random.default_rng([seed % 2**32, 2])
+    sizes = rng.integers(tokens_per_doc // 4, tokens_per_doc + 1, size=num_docs) * chars_per_token
+    docs = (fact_document(seed, i, filler, int(c)) for i, c in enumerate(sizes))
+  else:
+    per_line = len(tokenizer.encode(document(seed, 0, 64, repeat))) / 65  # tokens per line, measured
+    lines = max(2, int(tokens_per_doc / per_line))
+    docs = (document(seed, i, lines, repeat) for i in range(num_docs))
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = f"{path}.tmp{os.getpid()}"
   with open(tmp, "w") as f:
-    for i in range(num_docs):
-      f.write(json.dumps({"text": document(seed, i, lines, repeat)}) + "\n")
+    for doc in docs:
+      f.write(json.dumps({"text": doc}) + "\n")
   os.replace(tmp, path)
   return path
+
+
+# Facts planted in text: the needle's form, with subjects the needle never uses ("secret number" is left
+# out), so the gate measures retrieval of a phrase the model was not trained on.
+ADJECTIVES = ("hidden", "magic", "lucky", "special", "private", "old", "first", "last", "blue", "quiet")
+NOUNS = ("code", "key", "pin", "value", "count", "password", "answer", "label", "price", "year")
+
+
+def fact_document(seed: int, index: int, filler: Sequence[str], chars: int, max_facts: int = 4,
+                  recall: float = 0.5) -> str:
+  """Document `index` of the stream `seed`: a window of about `chars` characters of `filler` text with
+  1..max_facts facts "The <adjective> <noun> is <number>." planted at random depths, then each asked
+  back in random order: "What is the <adjective> <noun>? The <adjective> <noun> is <number>."
+  With probability `recall`, the document instead asks back a whole passage: "Remember: <first half>"
+  ... "Repeat: <first half>" — copying is the skill retrieval builds on, and in a passage nearly every
+  token rewards it (facts reward a few digits per question)."""
+  if not filler or chars < 1 or max_facts < 1:
+    raise ConfigError(f"fact documents: need filler text, chars >= 1 and max_facts >= 1, got "
+                      f"{len(filler)} texts, {chars}, {max_facts}.")
+  rng = np.random.default_rng([seed % 2**32, index, 1])
+  text = filler[int(rng.integers(len(filler)))]
+  start = int(rng.integers(max(1, len(text) - chars)))
+  window = (text * (1 + chars // max(len(text), 1)))[start: start + chars]
+  if rng.random() < recall:
+    half = window[: len(window) // 2]
+    return f"Remember:\n{half}\nRepeat:\n{half}\n"
+  n = int(rng.integers(1, max_facts + 1))
+  subjects = [f"{ADJECTIVES[a]} {NOUNS[b]}" for a, b in
+              zip(rng.choice(len(ADJECTIVES), n, replace=False), rng.choice(len(NOUNS), n, replace=False))]
+  numbers = [str(int(rng.integers(10 ** (d - 1), 10**d))) for d in rng.integers(3, 7, size=n)]
+  cuts = sorted(int(c) for c in rng.integers(0, len(window) + 1, size=n))
+  parts, prev = [], 0
+  for cut, subject, number in zip(cuts, subjects, numbers):
+    parts += [window[prev:cut], f"\nThe {subject} is {number}.\n"]
+    prev = cut
+  parts.append(window[prev:])
+  for i in rng.permutation(n):
+    parts.append(f"\nWhat is the {subjects[i]}? The {subjects[i]} is {numbers[i]}.")
+  return "".join(parts) + "\n"

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from typing import Literal
 
 import numpy as np
 
@@ -66,6 +67,9 @@ class ExtensionConfig:
   from_run: str | None = None  # or a pretraining run_dir: its latest checkpoint
   retrieval_weight: float = 0.0  # token share of synthetic retrieval documents in each stage's mix
   retrieval_docs: int = 2000
+  # "facts": facts planted in training text and asked back (the needle's form, other subjects);
+  # "kv": key-value lists (data/retrieval.py).
+  retrieval_format: Literal["facts", "kv"] = "kv"
   gate: Gate = Gate()
   stop_on_gate_failure: bool = False
 
@@ -78,6 +82,8 @@ class ExtensionConfig:
                           f"{self.run.model.max_seq_len}; raise max_seq_len in the config.")
       if s.steps < 1 or s.batch_size < 1:
         raise ConfigError(f"stage {s}: steps and batch_size must be >= 1.")
+    if self.retrieval_format not in ("facts", "kv"):
+      raise ConfigError(f"--retrieval_format={self.retrieval_format}: use facts or kv.")
     if not 0 <= self.retrieval_weight < 1:
       raise ConfigError(f"--retrieval_weight={self.retrieval_weight}: a token share in [0, 1).")
 
@@ -91,10 +97,13 @@ def _stage_run(cfg: ExtensionConfig, i: int, st: ExtensionStage, data: continued
   files, weights = data.train_files, data.weights
   if cfg.retrieval_weight > 0:
     tok = tokenizer_lib.load_tokenizer(data.tokenizer)
-    path = os.path.join(cfg.root_dir, f"retrieval_{2 * st.seq_len}tok_{cfg.retrieval_docs}docs_seed"
-                        f"{cfg.run.seed}.jsonl")
-    retrieval.write_source(path, tok, tokens_per_doc=2 * st.seq_len, num_docs=cfg.retrieval_docs,
-                           seed=cfg.run.seed)
+    facts = cfg.retrieval_format == "facts"
+    size = st.seq_len if facts else 2 * st.seq_len
+    path = os.path.join(cfg.root_dir, f"retrieval_{cfg.retrieval_format}_{size}tok_{cfg.retrieval_docs}docs_"
+                        f"seed{cfg.run.seed}.jsonl")
+    filler = [d for f in files for d in pipeline.read_documents(f)] if facts else None
+    retrieval.write_source(path, tok, tokens_per_doc=size, num_docs=cfg.retrieval_docs, seed=cfg.run.seed,
+                           filler=filler)
     # The corpus keeps its own proportions; the retrieval source takes retrieval_weight of the tokens.
     share = cfg.retrieval_weight / (1 - cfg.retrieval_weight) * sum(weights)
     files, weights = files + (path,), weights + (share,)

@@ -20,6 +20,24 @@ from llama_jax.training import annealing, checkpoint, long_context, step as step
 from llama_jax.training.pretrain import pretrain
 
 
+def test_fact_documents_ask_back_their_facts():
+  import re
+  filler = ["To be, or not to be, that is the question.\n" * 40, "def f(x):\n    return x + 1\n" * 40]
+  docs = [retrieval.fact_document(5, i, filler, chars=600, recall=0.0) for i in range(40)]
+  assert docs[3] == retrieval.fact_document(5, 3, filler, chars=600, recall=0.0) != docs[4]
+  for doc in docs:
+    facts = re.findall(r"\nThe (\w+ \w+) is (\d+)\.\n", doc)
+    asked = re.findall(r"What is the (\w+ \w+)\? The (\w+ \w+) is (\d+)\.", doc)
+    assert 1 <= len(facts) <= 4 and sorted((s, n) for s, _, n in asked) == sorted(facts)
+    assert all(a == b for a, b, _ in asked)
+    # Every question comes after every fact, and the needle's own subject is never trained on.
+    assert doc.index("What is the") > max(doc.index(f"The {s} is {n}.") for s, n in facts)
+    assert "secret number" not in doc
+  recall = retrieval.fact_document(5, 0, filler, chars=600, recall=1.0)
+  half = recall.removeprefix("Remember:\n").split("\nRepeat:\n")[0]
+  assert recall == f"Remember:\n{half}\nRepeat:\n{half}\n" and len(half) == 300
+
+
 def test_retrieval_documents_are_well_formed_and_deterministic():
   a, b = retrieval.document(7, 3, lines=200), retrieval.document(7, 3, lines=200)
   assert a == b and a != retrieval.document(7, 4, lines=200) and a != retrieval.document(8, 3, lines=200)
@@ -87,7 +105,7 @@ def test_stages_gate_and_stop(base_run, tmp_path, capsys):
     # Each stage is a pretraining run at its shape; the retrieval source has 25% of the token weight.
     rc = json.load(open(d / "run" / "run_config.json"))
     assert (rc["seq_len"], rc["steps"], rc["batch_size"]) == (t, 2, 8)
-    assert rc["train_files"][-1].endswith(f"retrieval_{2 * t}tok_20docs_seed0.jsonl")
+    assert rc["train_files"][-1].endswith(f"retrieval_kv_{2 * t}tok_20docs_seed0.jsonl")
     assert rc["train_weights"][-1] / sum(rc["train_weights"]) == pytest.approx(0.25, rel=1e-12)
   # Stage 1 starts from stage 0's final params, with its own RoPE theta; stage 0 keeps the model's.
   assert json.load(open(root / "stage_0_64" / "gate.json"))["rope_theta"] == 500_000.0
