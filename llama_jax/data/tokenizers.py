@@ -54,6 +54,18 @@ def _check_file(path: str, flag: str) -> str:
 # Fixed special ids for every model we train, so configs need not read the model to know them.
 SPM_UNK, SPM_BOS, SPM_EOS, SPM_PAD = 0, 1, 2, 3
 
+# The Llama 3 chat special tokens (data/chat.py) for our SentencePiece models. Where their ids live:
+#  - a model trained with `chat_tokens=True` holds them as control symbols at the fixed ids 4..8 (in this
+#    order), inside its vocabulary; SentencePiece never produces a control symbol from text, so user text
+#    cannot forge a header or an end of turn;
+#  - a model trained without them (every pretraining tokenizer so far) gets them appended at training time
+#    by `with_chat_tokens()`: ids sp_size .. sp_size+4, and `vocab_size` rounded up to a multiple of
+#    SPM_CHAT_VOCAB_MULTIPLE (so the vocabulary still divides a tensor-parallel degree). The model needs
+#    that many embedding rows: a pretrained checkpoint grows new rows (`check_model_vocab` says how many).
+SPM_CHAT_TOKENS = ("<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>")
+SPM_CHAT_FIRST_ID = 4
+SPM_CHAT_VOCAB_MULTIPLE = 128
+
 
 class SentencePieceTokenizer:
   """A trained SentencePiece model (see `train_sentencepiece`)."""
@@ -74,6 +86,38 @@ class SentencePieceTokenizer:
     # A model without a pad piece pads with EOS; padding is masked out by segment id 0 anyway.
     self.pad_id: int = self._sp.pad_id() if self._sp.pad_id() >= 0 else self.eos_id
     self.fingerprint = "spm-" + _file_fingerprint(model_path)
+    # Chat specials the model holds as control symbols (trained with `chat_tokens=True`), name -> id.
+    self.special_tokens: dict[str, int] = {}
+    for name in SPM_CHAT_TOKENS:
+      i = self._sp.piece_to_id(name)
+      if i != self._sp.unk_id() and self._sp.is_control(i):
+        self.special_tokens[name] = i
+    self._set_chat_ids()
+
+  def _set_chat_ids(self) -> None:
+    st = self.special_tokens
+    self.start_header_id = st.get("<|start_header_id|>")
+    self.end_header_id = st.get("<|end_header_id|>")
+    self.eom_id = st.get("<|eom_id|>")
+    self.eot_id = st.get("<|eot_id|>")
+    self.python_tag_id = st.get("<|python_tag|>")
+    self._special_names = {i: n for n, i in st.items()}
+
+  def with_chat_tokens(self) -> "SentencePieceTokenizer":
+    """This tokenizer with the Llama 3 chat specials: itself if the model holds them, else a copy with
+    them appended after the model's pieces and `vocab_size` rounded up (see SPM_CHAT_TOKENS)."""
+    if all(n in self.special_tokens for n in SPM_CHAT_TOKENS):
+      return self
+    import copy  # noqa: PLC0415
+
+    out = copy.copy(self)
+    base = self._sp.vocab_size()
+    out.special_tokens = {n: base + k for k, n in enumerate(SPM_CHAT_TOKENS)}
+    m = SPM_CHAT_VOCAB_MULTIPLE
+    out.vocab_size = -(-(base + len(SPM_CHAT_TOKENS)) // m) * m
+    out.fingerprint = self.fingerprint + "+chat"
+    out._set_chat_ids()
+    return out
 
   def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
     return self.encode_batch([text], bos=bos, eos=eos)[0]
@@ -84,7 +128,19 @@ class SentencePieceTokenizer:
     return [list(x) for x in ids]
 
   def decode(self, ids: Sequence[int]) -> str:
-    return self._sp.decode([int(i) for i in ids])
+    """Text of `ids`; BOS/EOS/pad vanish, chat specials show by name (as tiktoken shows Meta's)."""
+    ids = [int(i) for i in ids]
+    if not self._special_names:
+      return self._sp.decode(ids)
+    parts, run = [], []
+    for i in ids:
+      name = self._special_names.get(i)
+      if name is None:
+        run.append(i)
+      else:
+        parts += [self._sp.decode(run), name]
+        run = []
+    return "".join(parts + [self._sp.decode(run)])
 
 
 def train_sentencepiece(
@@ -98,6 +154,7 @@ def train_sentencepiece(
     num_threads: int | None = None,
     seed_sentencepiece_size: int = 200_000,
     seed: int = 0,
+    chat_tokens: bool = False,
 ) -> SentencePieceTokenizer:
   """Trains a BPE SentencePiece model on text files (one sentence per line) -> `{model_prefix}.model`.
 
@@ -109,6 +166,8 @@ def train_sentencepiece(
   process to the next even with `set_random_generator_seed`), and the paths, prefix and thread count
   that SentencePiece records in the model are cleared, so the same text and settings give the same
   `.model` bytes wherever and by whichever process it is trained.
+
+  `chat_tokens` reserves the Llama 3 chat specials as control symbols at ids 4..8 (SPM_CHAT_TOKENS).
   """
   import sentencepiece as spm
 
@@ -116,9 +175,10 @@ def train_sentencepiece(
     raise ConfigError("--input: give at least one text file to train the tokenizer on.")
   for f in input_files:
     _check_file(f, "--input")
-  if vocab_size < 260 + 4:
-    raise ConfigError(f"--vocab_size={vocab_size}: needs room for 256 byte pieces, 4 specials and merges; "
-                      "use at least 264 (2048-4096 for the default corpus).")
+  n_special = 4 + (len(SPM_CHAT_TOKENS) if chat_tokens else 0)
+  if vocab_size < 260 + n_special:
+    raise ConfigError(f"--vocab_size={vocab_size}: needs room for 256 byte pieces, {n_special} specials and "
+                      f"merges; use at least {260 + n_special} (2048-4096 for the default corpus).")
   os.makedirs(os.path.dirname(os.path.abspath(model_prefix)), exist_ok=True)
   import tempfile  # noqa: PLC0415
 
@@ -126,7 +186,7 @@ def train_sentencepiece(
     with tempfile.TemporaryDirectory() as tmp:
       sample = _sample_lines(input_files, os.path.join(tmp, "sample.txt"), input_sentence_size, seed)
       _train(spm, [sample], model_prefix, vocab_size, 0, max_sentence_length, character_coverage,
-             num_threads, seed_sentencepiece_size)
+             num_threads, seed_sentencepiece_size, SPM_CHAT_TOKENS if chat_tokens else ())
   except RuntimeError as e:
     if "Vocabulary size" not in str(e):
       raise
@@ -175,7 +235,7 @@ def _clear_provenance(model_file: str) -> None:
 
 
 def _train(spm, input_files, model_prefix, vocab_size, input_sentence_size, max_sentence_length,
-           character_coverage, num_threads, seed_sentencepiece_size):
+           character_coverage, num_threads, seed_sentencepiece_size, control_symbols=()):
   spm.SentencePieceTrainer.train(
       input=",".join(os.fspath(f) for f in input_files),
       model_prefix=model_prefix,
@@ -194,6 +254,7 @@ def _train(spm, input_files, model_prefix, vocab_size, input_sentence_size, max_
       max_sentence_length=max_sentence_length,
       seed_sentencepiece_size=seed_sentencepiece_size,
       unk_id=SPM_UNK, bos_id=SPM_BOS, eos_id=SPM_EOS, pad_id=SPM_PAD,
+      control_symbols=list(control_symbols),  # ids right after the 4 above: SPM_CHAT_FIRST_ID..
       num_threads=num_threads or os.cpu_count() or 1,
       minloglevel=2,
   )
@@ -289,6 +350,18 @@ class Llama3Tokenizer:
 
   def decode(self, ids: Sequence[int]) -> str:
     return self._enc.decode([int(i) for i in ids])
+
+  def with_chat_tokens(self) -> "Llama3Tokenizer":
+    return self  # Meta's file holds the chat specials
+
+
+def check_model_vocab(vocab_size: int, tok: Tokenizer, flag: str = "ModelConfig.vocab_size") -> None:
+  """Every id `tok` can produce (its chat specials included) must have an embedding row."""
+  if vocab_size < tok.vocab_size:
+    raise ConfigError(
+        f"{flag}={vocab_size}: the tokenizer has {tok.vocab_size} ids (chat specials included); set "
+        f"{flag}={tok.vocab_size} and grow a pretrained checkpoint's embedding by "
+        f"{tok.vocab_size - vocab_size} rows.")
 
 
 _TIKTOKEN_LINE = re.compile(rb"^[A-Za-z0-9+/=]+ \d+\s*$")
