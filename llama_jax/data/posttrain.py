@@ -26,8 +26,9 @@ Batches (the contract of issue 10, /work/wt/POSTTRAIN.md), all numpy:
     format_mask    1 where targets[t] is a formatting token (header, role, "\\n\\n", eot/eom)  float32
     last_index     index of the row's last real token                                  int32 [B, C]
     pair_index     the pair's line order in its file, -1 on a padding pair (host side)   int32 [B]
-  `ref_logp` [B, C] float32 is added by `with_ref_logp(batches, score)`: the scoring pass of the reference
-  model (the losses' side), run on each batch before the train step; it is never state.
+  `ref_logp` [B, C] float32 is added by `with_ref_logp(batches, score=...)`: the scoring pass of the
+  reference model (the losses' side) run on each batch before the train step, or `table=ref_logp_table(
+  ...)`: that pass run once over all pairs and looked up by pair_index. It is never state.
 
 Both streams are deterministic functions of (data, seed) with a small JSON state (epoch, index in the
 epoch's permutation), saved and restored as stream.TrainStream's is; every process walks the whole batch
@@ -80,10 +81,25 @@ class Pair:
 
 # --- reading ------------------------------------------------------------------------------------------
 
-def _read_jsonl(path: str, parse: Callable[[Any], Any], on_bad_line: OnBadLine, flag: str
-                ) -> tuple[list[Any], ReadReport]:
+def _read_files(paths: str | Sequence[str], parse: Callable[[Any], Any], on_bad_line: OnBadLine, flag: str
+                ) -> tuple[list[Any], list[ReadReport]]:
+  """The examples of one file or of several, concatenated in the order given (that order is the index
+  `pair_index` and the shuffle refer to)."""
   if on_bad_line not in ("fail", "skip"):
     raise ConfigError(f"--on_bad_line={on_bad_line!r}: use 'fail' or 'skip'.")
+  paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+  if not paths:
+    raise ConfigError(f"{flag}: give at least one JSONL file.")
+  items, reports = [], []
+  for path in paths:
+    got, report = _read_jsonl(path, parse, on_bad_line, flag)
+    items += got
+    reports.append(report)
+  return items, reports
+
+
+def _read_jsonl(path: str, parse: Callable[[Any], Any], on_bad_line: OnBadLine, flag: str
+                ) -> tuple[list[Any], ReadReport]:
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise ConfigError(f"{flag}: {path!r} does not exist or is not a file.")
@@ -133,9 +149,11 @@ def _check_len(n: int, seq_len: int, what: str) -> None:
                       "shorten the dialog.")
 
 
-def read_sft(path: str, tok: Tokenizer, fmt: ChatFormat, seq_len: int, on_bad_line: OnBadLine = "fail",
-             flag: str = "--sft_files") -> tuple[list[Rendered], ReadReport]:
-  """The dialogs of an SFT JSONL file (`{"messages": [...]}` per line), rendered and validated."""
+def read_sft(paths: str | Sequence[str], tok: Tokenizer, fmt: ChatFormat, seq_len: int,
+             on_bad_line: OnBadLine = "fail", flag: str = "--sft_files"
+             ) -> tuple[list[Rendered], list[ReadReport]]:
+  """The dialogs of SFT JSONL files (`{"messages": [...]}` per line), rendered and validated; a report
+  per file."""
 
   def parse(obj: dict) -> Rendered:
     messages = _field(obj, "messages")
@@ -147,7 +165,7 @@ def read_sft(path: str, tok: Tokenizer, fmt: ChatFormat, seq_len: int, on_bad_li
     _check_len(len(r), seq_len, "the dialog")
     return r
 
-  return _read_jsonl(path, parse, on_bad_line, flag)
+  return _read_files(paths, parse, on_bad_line, flag)
 
 
 def _prompt_messages(p: Any, fmt: ChatFormat) -> list[dict]:
@@ -185,10 +203,11 @@ def _render_response(tok: Tokenizer, fmt: ChatFormat, prompt: Rendered, messages
   return full, response
 
 
-def read_preferences(path: str, tok: Tokenizer, fmt: ChatFormat, seq_len: int,
+def read_preferences(paths: str | Sequence[str], tok: Tokenizer, fmt: ChatFormat, seq_len: int,
                      on_bad_line: OnBadLine = "fail", flag: str = "--preference_files"
-                     ) -> tuple[list[Pair], ReadReport]:
-  """The pairs of a preference JSONL file (`{"prompt", "chosen", "rejected"}` per line), validated."""
+                     ) -> tuple[list[Pair], list[ReadReport]]:
+  """The pairs of preference JSONL files (`{"prompt", "chosen", "rejected"}` per line), validated; a
+  report per file."""
 
   def parse(obj: dict) -> Pair:
     prompt_msgs = _prompt_messages(_field(obj, "prompt"), fmt)
@@ -203,7 +222,7 @@ def read_preferences(path: str, tok: Tokenizer, fmt: ChatFormat, seq_len: int,
     _check_len(len(rejected), seq_len, "prompt + rejected")
     return Pair(chosen, rejected, chosen_resp, rejected_resp, len(prompt))
 
-  return _read_jsonl(path, parse, on_bad_line, flag)
+  return _read_files(paths, parse, on_bad_line, flag)
 
 
 # --- batches ------------------------------------------------------------------------------------------
@@ -282,42 +301,57 @@ class SFTStream(_Stream):
     self._dialogs, self._pad_id = list(dialogs), pad_id
     self._order = _Order(len(self._dialogs), seed, shuffle, flag)
 
-  def _row(self, seq_len: int) -> list[int]:
-    """Dialog indices filling one row, first-fit in order; advances the order."""
-    out, n = [], 0
-    while True:
-      d = self._order.current()
+  def _row(self, order: _Order, seq_len: int, stop_at_epoch_end: bool = False) -> list[int]:
+    """Dialog indices filling one row, first-fit in order; advances `order`."""
+    out, n, epoch = [], 0, order.epoch
+    while not (stop_at_epoch_end and order.epoch != epoch):
+      d = order.current()
       length = len(self._dialogs[d])
       _check_len(length, seq_len, f"SFT dialog {d}")  # read with a larger --seq_len than this batch's
       if n + length > seq_len:
-        return out
+        break
       out.append(d)
       n += length
-      self._order.advance()
+      order.advance()
+    return out
+
+  def _fill(self, out: dict[str, np.ndarray], r: int, dialogs: list[int]) -> None:
+    out["source_id"][r], n = 0, 0
+    for seg, d in enumerate(dialogs, 1):
+      x = self._dialogs[d]
+      k = len(x)
+      out["inputs"][r, n:n + k] = x.ids
+      out["segment_ids"][r, n:n + k] = seg
+      out["positions"][r, n:n + k] = np.arange(k)
+      out["targets"][r, n:n + k - 1] = x.ids[1:]
+      # loss on a target position iff its target token is trained (assistant content or terminator).
+      out["loss_mask"][r, n:n + k - 1] = x.trained[1:]
+      n += k
 
   def next_batch(self, batch_size: int, seq_len: int, rows: Sequence[int] | None = None
                  ) -> dict[str, np.ndarray]:
     """The next global batch: [batch_size, seq_len] arrays of stream.FEATURES and source_id [batch_size]
-    (0; -1 never: every row holds at least one dialog). Only the rows in `rows` are filled."""
+    (0: every row holds at least one dialog). Only the rows in `rows` are filled."""
     stream_lib._check_shape(batch_size, seq_len)
     wanted = _wanted(batch_size, rows)
     out = stream_lib._empty_batch(batch_size, seq_len, self._pad_id)
     for r in range(batch_size):
-      dialogs = self._row(seq_len)
-      if not wanted[r]:
-        continue
-      out["source_id"][r], n = 0, 0
-      for seg, d in enumerate(dialogs, 1):
-        x = self._dialogs[d]
-        k = len(x)
-        out["inputs"][r, n:n + k] = x.ids
-        out["segment_ids"][r, n:n + k] = seg
-        out["positions"][r, n:n + k] = np.arange(k)
-        out["targets"][r, n:n + k - 1] = x.ids[1:]
-        # loss on a target position iff its target token is trained (assistant content or terminator).
-        out["loss_mask"][r, n:n + k - 1] = x.trained[1:]
-        n += k
+      dialogs = self._row(self._order, seq_len)
+      if wanted[r]:
+        self._fill(out, r, dialogs)
     return out
+
+  def in_file_order(self, batch_size: int, seq_len: int) -> Iterator[dict[str, np.ndarray]]:
+    """Every dialog once in file order, packed as above (held-out loss), the last batch filled up with
+    empty rows (segment 0, loss_mask 0, source_id -1); leaves this stream's state alone."""
+    stream_lib._check_shape(batch_size, seq_len)
+    order = _Order(len(self._dialogs), 0, False, "")
+    while order.epoch == 0:
+      out = stream_lib._empty_batch(batch_size, seq_len, self._pad_id)
+      for r in range(batch_size):
+        if order.epoch == 0:
+          self._fill(out, r, self._row(order, seq_len, stop_at_epoch_end=True))
+      yield out
 
 
 class PreferenceStream(_Stream):
@@ -367,7 +401,7 @@ class PreferenceStream(_Stream):
         self._fill(out, b, p, seq_len)
     return out
 
-  def epoch(self, batch_size: int, seq_len: int) -> Iterator[dict[str, np.ndarray]]:
+  def in_file_order(self, batch_size: int, seq_len: int) -> Iterator[dict[str, np.ndarray]]:
     """Every pair once in file order (held-out evaluation, a scoring pass), the last batch filled up with
     empty pairs (pair_index -1, all masks 0); leaves this stream's state alone."""
     stream_lib._check_shape(batch_size, seq_len)
@@ -378,23 +412,48 @@ class PreferenceStream(_Stream):
       yield out
 
 
-class Scored:
-  """`batches` with `ref_logp` [B, C] float32 added to each batch by `score(batch)` — the reference
-  model's scoring pass (e.g. `lambda b: score(ref_params, b)` from the losses). State is `batches`'s."""
+Score = Callable[[dict[str, np.ndarray]], Any]  # batch -> ref_logp [B, C]
 
-  def __init__(self, batches: Any, score: Callable[[dict[str, np.ndarray]], Any]):
-    self.batches, self._score = batches, score
+
+def _checked(ref: Any, batch: dict[str, np.ndarray]) -> np.ndarray:
+  ref = np.asarray(ref, np.float32)
+  want = batch["last_index"].shape
+  if ref.shape != want:
+    raise ConfigError(f"the scoring pass returned ref_logp of shape {ref.shape}, not [B, C] = {want}; "
+                      "score must sum log-probs per row.")
+  return ref
+
+
+def ref_logp_table(pairs: PreferenceStream, score: Score, batch_size: int, seq_len: int) -> np.ndarray:
+  """The scoring pass once over every pair (file order): ref_logp [N, C] float32, row = pair_index. The
+  reference model is frozen, so one pass serves every epoch (`with_ref_logp(batches, table=...)`)."""
+  table = np.full((len(pairs._pairs), C), np.nan, np.float32)
+  for batch in pairs.in_file_order(batch_size, seq_len):
+    real = batch["pair_index"] >= 0
+    table[batch["pair_index"][real]] = _checked(score(batch), batch)[real]
+  return table
+
+
+class Scored:
+  """`batches` with `ref_logp` [B, C] float32 added to each batch: by `score(batch)`, the reference model's
+  scoring pass (e.g. `lambda b: score(ref_params, b)` from the losses), run on the batch; or looked up by
+  pair_index in a `table` from `ref_logp_table`. The state is `batches`'s: ref_logp is never state."""
+
+  def __init__(self, batches: Any, score: Score | None = None, table: np.ndarray | None = None):
+    if (score is None) == (table is None):
+      raise ConfigError("with_ref_logp: give either score= (a scoring pass per batch) or table= "
+                        "(from ref_logp_table), not both or neither.")
+    self.batches, self._score, self._table = batches, score, table
 
   def __iter__(self) -> "Scored":
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
     batch = next(self.batches)
-    ref = np.asarray(self._score(batch), np.float32)
-    want = batch["last_index"].shape
-    if ref.shape != want:
-      raise ConfigError(f"the scoring pass returned ref_logp of shape {ref.shape}, not [B, C] = {want}; "
-                        "score must sum log-probs per row.")
+    if self._score is not None:
+      return {**batch, "ref_logp": _checked(self._score(batch), batch)}
+    idx = batch["pair_index"]
+    ref = np.where((idx >= 0)[:, None], self._table[np.maximum(idx, 0)], 0).astype(np.float32)
     return {**batch, "ref_logp": ref}
 
   def get_state(self) -> dict:
@@ -404,5 +463,5 @@ class Scored:
     self.batches.set_state(state)
 
 
-def with_ref_logp(batches: Any, score: Callable[[dict[str, np.ndarray]], Any]) -> Scored:
-  return Scored(batches, score)
+def with_ref_logp(batches: Any, score: Score | None = None, table: np.ndarray | None = None) -> Scored:
+  return Scored(batches, score, table)

@@ -79,7 +79,7 @@ def test_sft_bad_lines(tmp_path, tok, fmt, capsys):
     rows += [line, ""]  # blank lines are ignored, not bad
   rows += [{"messages": good[1], "id": "extra keys at the top are ignored"}, {"messages": good[2]}]
   path = _write(tmp_path / "sft.jsonl", rows)
-  dialogs, report = pt.read_sft(path, tok, fmt, seq_len=128, on_bad_line="skip")
+  dialogs, (report,) = pt.read_sft(path, tok, fmt, seq_len=128, on_bad_line="skip")
   assert report.kept == len(dialogs) == 3 and len(report.skipped) == len(SFT_BAD)
   for k, (msg, (_, want)) in enumerate(zip(report.skipped, SFT_BAD)):
     assert msg.startswith(f"{path}:{2 + 2 * k}: ") and want in msg, (msg, want)
@@ -121,7 +121,7 @@ PREF_BAD = [
 def test_preference_bad_lines(tmp_path, tok, fmt):
   good = {"prompt": "q", "chosen": "a", "rejected": "b"}
   path = _write(tmp_path / "pref.jsonl", [good] + [line for line, _ in PREF_BAD] + [good])
-  pairs, report = pt.read_preferences(path, tok, fmt, seq_len=128, on_bad_line="skip")
+  pairs, (report,) = pt.read_preferences(path, tok, fmt, seq_len=128, on_bad_line="skip")
   assert len(pairs) == report.kept == 2 and len(report.skipped) == len(PREF_BAD)
   for k, (msg, (_, want)) in enumerate(zip(report.skipped, PREF_BAD)):
     assert msg.startswith(f"{path}:{2 + k}: ") and want in msg, (msg, want)
@@ -270,7 +270,7 @@ def test_preference_resume_epoch_and_ref_logp(tmp_path, tok, fmt):
   assert sorted(np.concatenate([w["pair_index"] for w in want])[:8].tolist()) != list(range(8))  # shuffled
   # One pass in file order, padded with an empty pair; the stream's state is left alone.
   s = pt.PreferenceStream(pairs, seed=1, pad_id=tok.pad_id)
-  ep = list(s.epoch(4, 72))
+  ep = list(s.in_file_order(4, 72))
   assert [e["pair_index"].tolist() for e in ep] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, -1, -1, -1]]
   assert not ep[2]["segment_ids"][1:].any() and not ep[2]["response_mask"][1:].any()
   assert s.get_state() == s.initial_state()
@@ -288,7 +288,39 @@ def test_preference_resume_epoch_and_ref_logp(tmp_path, tok, fmt):
   ref.set_state(state)
   ref.next_batch(2, 72)
   assert scored.get_state() == ref.get_state() != state
+  # Or the scoring pass once over all pairs, looked up by pair_index (0 on padding pairs).
+  table = pt.ref_logp_table(s, score, 4, 72)
+  assert table.shape == (9, 2) and np.array_equal(table[:4], score(ep[0]))
+  looked_up = pt.with_ref_logp(pt.PreferenceStream(pairs, seed=1, pad_id=tok.pad_id).batches(2, 72),
+                               table=table)
+  looked_up.set_state(state)
+  assert np.array_equal(next(looked_up)["ref_logp"], x["ref_logp"])
+  padded = pt.with_ref_logp(iter(ep), table=table)
+  assert [next(padded) for _ in range(3)][2]["ref_logp"].tolist() == [table[8].tolist()] + [[0, 0]] * 3
+  with pytest.raises(ConfigError, match="give either score= .* or table="):
+    pt.with_ref_logp(iter(ep))
   bad = pt.with_ref_logp(pt.PreferenceStream(pairs, seed=1, pad_id=tok.pad_id).batches(2, 72),
                          lambda b: np.zeros(2))
   with pytest.raises(ConfigError, match=r"ref_logp of shape \(2,\), not \[B, C\] = \(2, 2\)"):
     next(bad)
+
+
+def test_sft_files_and_held_out_pass(tmp_path, tok, fmt):
+  """Several files are one list in the order given; the held-out pass packs each dialog once in that
+  order, the last batch padded with empty rows, and leaves the stream's state alone."""
+  good = _dialogs(7)
+  a = _write(tmp_path / "a.jsonl", [{"messages": d} for d in good[:3]])
+  b = _write(tmp_path / "b.jsonl", [{"messages": d} for d in good[3:]])
+  dialogs, reports = pt.read_sft([a, b], tok, fmt, seq_len=160)
+  assert [(r.path, r.kept, r.skipped) for r in reports] == [(a, 3, []), (b, 4, [])]
+  s = pt.SFTStream(dialogs, seed=0, pad_id=tok.pad_id)
+  batches = list(s.in_file_order(2, 160))
+  assert s.get_state() == s.initial_state()
+  learned = [tok.decode(x["targets"][r][(x["segment_ids"][r] == k) & (x["loss_mask"][r] == 1)])
+             for x in batches for r in range(2) for k in range(1, x["segment_ids"][r].max() + 1)]
+  assert learned == [_trained_text(d) for d in good]
+  rows = len(list(s.in_file_order(1, 160)))  # one row per batch: no padding rows
+  (one,) = s.in_file_order(rows + 1, 160)
+  assert one["source_id"].tolist() == [0] * rows + [-1]
+  assert not one["segment_ids"][-1].any() and not one["loss_mask"][-1].any()
+  assert np.array_equal(one["inputs"][:2], batches[0]["inputs"])
