@@ -24,15 +24,18 @@ Batches (the contract of issue 10, /work/wt/POSTTRAIN.md), all numpy:
     response_mask  1 where targets[t] is a token of an assistant message of the response (its header,
                    content, terminator); tool output (ipython) inside the response is 0      float32
     format_mask    1 where targets[t] is a formatting token (header, role, "\\n\\n", eot/eom)  float32
-    last_index     index of the row's last real token                                  int32 [B, C]
-    pair_index     the pair's line order in its file, -1 on a padding pair (host side)   int32 [B]
+    last_index     index of the row's last real token (<|eot_id|>; ChatML: the "\\n" after <|im_end|>)
+                                                                                        int32 [B, C]
+    pair_index     the pair's index among the files' good lines, -1 on a padding pair (host side: not a
+                   contract feature, the key of `ref_logp_table`)                     int32 [B]
   `ref_logp` [B, C] float32 is added by `with_ref_logp(batches, score=...)`: the scoring pass of the
   reference model (the losses' side) run on each batch before the train step, or `table=ref_logp_table(
   ...)`: that pass run once over all pairs and looked up by pair_index. It is never state.
 
 Both streams are deterministic functions of (data, seed) with a small JSON state (epoch, index in the
-epoch's permutation), saved and restored as stream.TrainStream's is; every process walks the whole batch
-and fills only its `rows`.
+epoch's permutation, number of examples), saved and restored as stream.TrainStream's is; every process
+walks the whole batch and fills only its `rows`. A different number of examples (other files, another
+--on_bad_line) refuses the state.
 """
 
 from __future__ import annotations
@@ -117,7 +120,8 @@ def _read_jsonl(path: str, parse: Callable[[Any], Any], on_bad_line: OnBadLine, 
         try:
           obj = json.loads(line.rstrip("\r\n"))  # so a column counts within the line
         except json.JSONDecodeError as e:
-          raise ConfigError(f"not JSON ({e.msg} at column {e.colno}); write one JSON object per line.") from None
+          raise ConfigError(f"not JSON ({e.msg} at column {e.colno}); write one JSON object per line."
+                            ) from None
         if not isinstance(obj, dict):
           raise ConfigError(f"a JSON {type(obj).__name__}, not an object; write one JSON object per line.")
         items.append(parse(obj))
