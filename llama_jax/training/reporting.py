@@ -105,9 +105,9 @@ class Log:
     self._file.flush()
     hit = {1.0: " (from the compilation cache)", 0.0: " (not in the compilation cache)"}.get(
         stats.get("compile_cache_hit"), "")
-    line = (f"train step compiled in {stats['compile_s']:.1f} s{hit} | {stats['compiled_flops']:.3g} FLOPs "
+    line = (f"train step compiled in {stats['compile_s']:.1f} s{hit} | {stats['compiled_flops']:.2e} FLOPs "
             f"per step (XLA; {stats['compiled_flops'] / stats['model_flops']:.2f}x the model's "
-            f"{stats['model_flops']:.3g}{note})")
+            f"{stats['model_flops']:.2e}{note})")
     if "peak_bytes" in stats:
       line += (f" | per device: arguments {_bytes(stats['argument_bytes'])}, outputs "
                f"{_bytes(stats['output_bytes'])} ({_bytes(stats['alias_bytes'])} reusing donated inputs), "
