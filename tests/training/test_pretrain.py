@@ -1,6 +1,7 @@
 """The pretraining entry point end to end: exact resume after kill -9 and SIGTERM, and bad input."""
 
 import dataclasses
+import glob
 import json
 import os
 import signal
@@ -197,9 +198,13 @@ def test_two_processes_train_checkpoint_and_resume(text_data, tmp_path):
   with open(os.path.join(data_dir, "metadata")) as f:
     assert json.load(f)["tokens"] == [12 * 8 * 64]  # 12 steps of 8 global rows of 64, one source
   # --steps=18 lengthens the cosine (total steps 12 -> 18): a change the resume must be allowed.
-  out = launch(18, port + 1 if port < 65535 else port - 1, "--allow_config_change")
+  out = launch(18, port + 1 if port < 65535 else port - 1, "--allow_config_change", "--profile_steps=14,15")
   assert "resumed from" in out and "at step 12" in out
   assert sorted(_losses(run_dir)) == list(range(1, 19))
+  # Each process traces its own devices into its own directory (the trace files are named by host).
+  for i in range(2):
+    trace = os.path.join(run_dir, "profile", f"process_{i}", "plugins", "profile", "*", "*.xplane.pb")
+    assert glob.glob(trace), trace
 
 
 # ----------------------------------------------------------------------------- --init_from
