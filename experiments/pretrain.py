@@ -25,10 +25,12 @@ _INT = ["steps", "batch_size", "seq_len", "seed", "mesh_data", "mesh_fsdp", "mes
         "log_every",
         "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints", "keep_period", "max_bad_steps",
         "corpus_vocab_size", "sample_tokens"]
-_STR = ["run_dir", "data_dir", "tokenizer", "text_field", "init_from"]
+_STR = ["run_dir", "data_dir", "tokenizer", "text_field", "init_from", "compilation_cache_dir"]
 _LIST = ["train_files", "eval_files"]
 _HELP = {"init_from": "Start a new run from existing weights: hf:/path, meta:/path or orbax:/path (the "
-                      "checkpoint fixes the model's shape; resharded onto the run's mesh)."}
+                      "checkpoint fixes the model's shape; resharded onto the run's mesh).",
+         "compilation_cache_dir": "JAX's persistent compilation cache (default: <run_dir>/compilation_cache, "
+                                  "so a restart compiles nothing); a directory, or off."}
 for name in _INT:
   flags.DEFINE_integer(name, None, _HELP.get(name, f"Override RunConfig.{name}."))
 for name in _STR:
@@ -38,6 +40,8 @@ for name in _LIST:
 flags.DEFINE_list("train_weights", None, "Mixing weight per --train_files entry.")
 flags.DEFINE_list("stages", None, "Batch/sequence schedule, START_TOKENS:BATCHxSEQ per stage, e.g. "
                   "0:1024x4096,252e6:1024x8192 (the paper's); default: one stage of --batch_size x --seq_len.")
+flags.DEFINE_list("profile_steps", None, "FIRST,LAST: a jax.profiler trace of these steps (as logged, both "
+                  "included) in <run_dir>/profile, for TensorBoard's Profile tab.")
 flags.DEFINE_bool("restart_positions", None, "Restart RoPE positions at each packed document.")
 flags.DEFINE_bool("allow_config_change", None, "Resume even if settings that change the trajectory (model, "
                   "optimizer, batch, sequence, data, seed) differ from the run's saved run_config.json.")
@@ -55,6 +59,15 @@ distributed.define_flags()
 FLAGS = flags.FLAGS
 
 
+def parse_profile_steps(values: list[str]) -> tuple[int, int]:
+  try:
+    first, last = (int(v) for v in values)
+  except ValueError as e:
+    raise ConfigError(f"--profile_steps={','.join(values)}: give two step numbers FIRST,LAST, e.g. "
+                      "--profile_steps=5,8.") from e
+  return first, last
+
+
 def run_config() -> runner.RunConfig:
   run = CONFIGS[_CONFIG.value]
   over = {n: FLAGS[n].value for n in _INT + _STR + ["restart_positions", "allow_config_change"]
@@ -65,6 +78,8 @@ def run_config() -> runner.RunConfig:
       over["train_weights"] = tuple(float(w) for w in FLAGS.train_weights)
     except ValueError as e:
       raise ConfigError(f"--train_weights={','.join(FLAGS.train_weights)}: give numbers.") from e
+  if FLAGS.profile_steps is not None:
+    over["profile_steps"] = parse_profile_steps(FLAGS.profile_steps)
   if FLAGS.stages is not None:
     over["stages"] = stages.parse_stages(FLAGS.stages)
   opt = {k: v for k, v in (("peak_lr", _LR.value), ("final_lr", _FINAL_LR.value),

@@ -1,4 +1,4 @@
-"""The host loop: dispatch step t, read step t−1, evaluate, checkpoint, stop on preemption.
+"""The host loop: dispatch step t, read step t−1, evaluate, checkpoint, stop on preemption, profile.
 
 It dispatches step t before it reads step t−1's metrics (no host sync in the hot path), evaluates on
 held-out data every `eval_every` steps, checkpoints every `checkpoint_every` steps, at the last step and
@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 from typing import Any, Callable, Iterator, Sequence
+
+import jax
 
 from llama_jax.errors import ConfigError
 from llama_jax.training import checkpoint, metrics as metrics_lib, preemption as preemption_lib, reporting
@@ -34,12 +36,13 @@ def run(*, state: Any, first_step: int, steps: int, train_step: Callable, data_i
         new_reader: Callable[[int], metrics_lib.MetricsReader], ckpt: checkpoint.Checkpointer,
         preemption: preemption_lib.Preemption, log: reporting.Log, log_every: int, eval_every: int,
         evaluate: Callable[[Any], tuple[float, Any]] | None, run_dir: str,
-        max_bad_steps: int) -> LoopResult:
+        max_bad_steps: int, profile: StepProfile | None = None) -> LoopResult:
   """Trains from `first_step` to `steps` (or to a preemption); returns where it stopped.
 
   `stage_of(steps_done)` is the stage the next step runs in; `train_iterator(i)` and `new_reader(i)`
   make stage i's data iterator and metrics reader; `to_global` turns this process's rows into the
-  step's global arrays; `evaluate(params)` gives (held-out loss, counts of the tokens scored).
+  step's global arrays; `evaluate(params)` gives (held-out loss, counts of the tokens scored);
+  `profile` traces its steps (the caller closes it, also on an error).
   """
   reader = new_reader(stage)
   bad = _BadSteps(max_bad_steps, ckpt)
@@ -59,10 +62,14 @@ def run(*, state: Any, first_step: int, steps: int, train_step: Callable, data_i
       print(f"stage {stage}: batch {stages[stage].batch_size} x seq {stages[stage].seq_len} from step "
             f"{step + 1}", flush=True)
     batch = next(data_it)
+    if profile is not None:
+      profile.before(step + 1, state)
     state, metrics = train_step(state, to_global(batch))
     step += 1
     # `batch` is the global [B, T] batch: tokens/s counts each row once, whatever the process count.
     record(reader.read(step, metrics, metrics_lib.batch_tokens(batch)))
+    if profile is not None:  # after step t−1's fetch, so the wait for step t counts as step t's time
+      profile.after(step, (state, metrics))
     stop = preemption.reached(step)
     if stop:  # the state is finite even mid-streak (the step kept the old params): save to resume
       ckpt.save(step, state, data_it, force=True)
@@ -83,6 +90,51 @@ def run(*, state: Any, first_step: int, steps: int, train_step: Callable, data_i
       log.write(step, {"eval_loss": eval_loss}, log_every)
   record(reader.flush())
   return LoopResult(state, step, eval_loss, counts)
+
+
+class StepProfile:
+  """A jax.profiler trace of steps `first..last` (as logged, both included) into `log_dir`.
+
+  Every process traces its own devices; with several processes each writes its own subdirectory
+  (process_<i>), since the trace files are named by host and processes may share one.
+  """
+
+  def __init__(self, steps: tuple[int, int] | None, log_dir: str):
+    self.steps = steps
+    self.log_dir = log_dir if jax.process_count() == 1 else f"{log_dir}/process_{jax.process_index()}"
+    self.active = False
+
+  def before(self, step: int, state: Any) -> None:
+    """Call before dispatching `step`: starts the trace at the range's first step (or, resumed inside
+    the range, at the first step this run makes)."""
+    if self.steps is None or self.active or not self.steps[0] <= step <= self.steps[1]:
+      return
+    jax.block_until_ready(state)  # the steps before the range finish outside the trace
+    jax.profiler.start_trace(self.log_dir)
+    self.active = True
+    if jax.process_index() == 0:
+      print(f"profiling steps {step}-{self.steps[1]} into {self.log_dir}", flush=True)
+
+  def after(self, step: int, outputs: Any) -> None:
+    """Call after dispatching `step`: at the range's last step, waits for its outputs, then stops."""
+    if self.active and step >= self.steps[1]:
+      self.close(outputs)
+
+  def close(self, outputs: Any = None) -> None:
+    if not self.active:
+      return
+    jax.block_until_ready(outputs)
+    jax.profiler.stop_trace()
+    self.active = False
+    if jax.process_index() == 0:
+      print(f"profile written to {self.log_dir}: TensorBoard's Profile tab, with that as its logdir",
+            flush=True)
+
+  def __enter__(self) -> "StepProfile":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()  # a preemption or an error inside the range: keep what was traced
 
 
 class _BadSteps:

@@ -7,15 +7,18 @@ have seen; the host loop itself is training/loop.py, what it reports training/re
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import time
 from typing import Any
 
 import jax
 import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
+from jax.experimental.compilation_cache import compilation_cache as jax_cache
 
 from llama_jax import config as config_lib
 from llama_jax.config import ModelConfig
@@ -26,7 +29,7 @@ from llama_jax.evals import heldout
 from llama_jax.inference import sample
 from llama_jax.interop import init_from
 from llama_jax.parallel import batching, context, sharding
-from llama_jax.training import checkpoint, loop, metrics as metrics_lib, preemption as preemption_lib
+from llama_jax.training import checkpoint, flops, loop, metrics as metrics_lib, preemption as preemption_lib
 from llama_jax.training import reporting, step as train
 from llama_jax.training.optim import OptimizerConfig
 from llama_jax.training.stages import Stage, stage_start_steps
@@ -71,6 +74,12 @@ class RunConfig:
   restart_positions: bool = True
   sample_prompts: tuple[str, ...] = ("ROMEO.", "def ")
   sample_tokens: int = 64
+  # A jax.profiler trace of steps FIRST..LAST (as the log numbers them, both included) in
+  # <run_dir>/profile, for TensorBoard's profile tab; None = no trace.
+  profile_steps: tuple[int, int] | None = None
+  # JAX's persistent compilation cache: "" = <run_dir>/compilation_cache (a restart compiles nothing),
+  # "off" = none, else this directory (e.g. one shared by several runs of the same model).
+  compilation_cache_dir: str = ""
 
   def __post_init__(self):
     for f in ("steps", "batch_size", "log_every", "eval_every", "eval_batches", "checkpoint_every",
@@ -79,6 +88,11 @@ class RunConfig:
         raise ConfigError(f"--{f}={getattr(self, f)}: must be >= 1.")
     if self.keep_period is not None and self.keep_period < 1:
       raise ConfigError(f"--keep_period={self.keep_period}: must be >= 1 (or unset).")
+    if self.profile_steps is not None:
+      first, last = self.profile_steps
+      if not 1 <= first <= last <= self.steps:
+        raise ConfigError(f"--profile_steps={first},{last}: give FIRST,LAST with 1 <= FIRST <= LAST <= "
+                          f"--steps={self.steps}.")
     if self.seq_len < 2:
       raise ConfigError(f"--seq_len={self.seq_len}: must be >= 2 (inputs and next-token targets).")
     if self.train_files and not self.tokenizer:
@@ -99,6 +113,7 @@ class RunConfig:
 _HARMLESS = {"run_dir", "steps", "mesh_data", "mesh_fsdp", "mesh_context", "mesh_tensor", "init_from", "log_every", "eval_every",
              "eval_batches", "eval_files", "checkpoint_every", "keep_checkpoints", "keep_period",
              "max_bad_steps", "allow_config_change", "data_dir", "sample_prompts", "sample_tokens",
+             "profile_steps", "compilation_cache_dir",
              # The same math, other memory/compute trade-offs:
              "optim.grad_accum_steps", "model.remat_policy", "model.attention_impl"}
 # The flag that sets a field, where it is not --<field>.
@@ -218,11 +233,45 @@ def _model_config(run: RunConfig, tok, run_dir: epath.Path, resuming: bool) -> M
   return run.model
 
 
+_CACHE_OPTIONS = ("jax_enable_compilation_cache", "jax_compilation_cache_dir",
+                  "jax_persistent_cache_min_compile_time_secs", "jax_persistent_cache_min_entry_size_bytes")
+
+
+@contextlib.contextmanager
+def compilation_cache(setting: str, run_dir: epath.Path):
+  """JAX's persistent compilation cache in <run_dir>/compilation_cache (or `setting`'s directory, or
+  none for "off") while the run runs; JAX's own settings come back afterwards.
+
+  Every program is cached, however small or quick to compile (JAX's defaults skip those under 1 s),
+  so a restarted run finds its train step, and its small programs, there. Only process 0 writes
+  entries (JAX's rule); every process reads them. JAX opens its cache once per process: it is reset
+  to open the new directory, and again on the way out.
+  """
+  path = None if setting == "off" else setting or str(run_dir / "compilation_cache")
+  before = {name: getattr(jax.config, name) for name in _CACHE_OPTIONS}
+
+  def apply(values):
+    for name, value in zip(_CACHE_OPTIONS, values):
+      jax.config.update(name, value)
+    jax_cache.reset_cache()
+
+  apply((path is not None, path, 0.0, -1))  # -1: no minimum entry size, and JAX may not raise it
+  try:
+    yield path
+  finally:
+    apply(before.values())
+
+
 def pretrain(run: RunConfig) -> dict:
   """Runs (or resumes) pretraining; returns the final metrics."""
   train_src, eval_src, tok = _sources(run)
   # Local (made absolute: Orbax needs it) or a remote URL such as gs://; Orbax and the logs write there.
   run_dir = epath.Path(run.run_dir if "://" in run.run_dir else os.path.abspath(run.run_dir))
+  with compilation_cache(run.compilation_cache_dir, run_dir):
+    return _pretrain(run, train_src, eval_src, tok, run_dir)
+
+
+def _pretrain(run, train_src, eval_src, tok, run_dir) -> dict:
   # Every check runs before the checkpoint manager (and its threads) starts: bad input stops cleanly.
   resuming = bool(checkpoint.saved_steps(str(run_dir / "checkpoints")))
   model_cfg = _model_config(run, tok, run_dir, resuming=resuming)
@@ -259,6 +308,41 @@ def pretrain(run: RunConfig) -> dict:
     ckpt.close()
 
 
+def _reporting_compile(train_step, model_cfg: ModelConfig, mesh, log: reporting.Log, first: int):
+  """The train step, compiled ahead of time at its first call so that the compiled program's FLOPs and
+  memory are reported (`reporting.compiled_stats`): one line and one metrics.jsonl record at step
+  `first`. jit keeps the executable that `lower(...).compile()` built: the step compiles once."""
+  jitted = getattr(train_step, "jitted", None)
+  if jitted is None:  # a wrapped step (tests): nothing to lower
+    return train_step
+  reported = False
+
+  def step(state, batch):
+    nonlocal reported
+    if not reported:
+      reported = True
+      events = []
+      listener = lambda event, **_: events.append(event)
+      jax.monitoring.register_event_listener(listener)
+      start = time.perf_counter()
+      try:
+        with sharding.use(mesh, sharding.logical_rules(model_cfg, mesh)):  # as the step traces itself
+          compiled = jitted.lower(state, batch).compile()
+      finally:
+        jax.monitoring.unregister_event_listener(listener)
+      stats = reporting.compiled_stats(compiled, mesh.size)
+      b, t = batch["inputs"].shape
+      stats.update(compile_s=time.perf_counter() - start,
+                   model_flops=flops.flops_per_token(model_cfg, t) * b * t)
+      if "/jax/compilation_cache/compile_requests_use_cache" in events:
+        stats["compile_cache_hit"] = float("/jax/compilation_cache/cache_hits" in events)
+      note = "; XLA counts the scanned layer loop once" if model_cfg.scan_layers else ""
+      log.compiled(first, stats, note)
+    return train_step(state, batch)
+
+  return step
+
+
 def _train(run, ckpt, model_cfg, mesh, stages, stage_of, train_iterator, eval_ds, tok, run_dir) -> dict:
   nproc, pid = jax.process_count(), jax.process_index()
   latest = ckpt.latest_step()
@@ -277,25 +361,27 @@ def _train(run, ckpt, model_cfg, mesh, stages, stage_of, train_iterator, eval_ds
       print(f"initialized from {run.init_from}", flush=True)
     state = train.create_train_state(model_cfg, run.optim, mesh, jax.random.key(run.seed), params=params)
   first = int(jax.device_get(state.step))  # the one sync before the loop
-  train_step = train.make_train_step(model_cfg, run.optim, mesh)
+  log = reporting.Log(run_dir, run.steps, first)
+  train_step = _reporting_compile(train.make_train_step(model_cfg, run.optim, mesh), model_cfg, mesh,
+                                  log, first)
   to_global = lambda batch: global_batch(batch, mesh)
   evaluate = None
   if eval_ds is not None:
     eval_step = train.make_eval_step(model_cfg, mesh, grad_accum_steps=run.optim.grad_accum_steps)
     eval_batches, eval_counts = heldout.prepare(eval_ds, to_global, run.eval_batches)
     evaluate = lambda params: (heldout.evaluate(eval_step, params, eval_batches), eval_counts)
-  log = reporting.Log(run_dir, run.steps, first)
   n_params = sum(int(x.size) for x in jax.tree.leaves(state.params))
   print(f"model: {n_params:,} params, vocab {model_cfg.vocab_size} | mesh {dict(mesh.shape)} | "
         f"batch {stages[stage].batch_size}x{stages[stage].seq_len} | steps {first}→{run.steps}", flush=True)
 
-  out = loop.run(
-      state=state, first_step=first, steps=run.steps, train_step=train_step, data_it=data_it, stage=stage,
-      stages=stages, stage_of=stage_of, train_iterator=train_iterator, to_global=to_global,
-      new_reader=lambda i: metrics_lib.MetricsReader.for_model(model_cfg, stages[i].seq_len, mesh),
-      ckpt=ckpt, preemption=preemption_lib.install_preemption_handler(), log=log, log_every=run.log_every,
-      eval_every=run.eval_every, evaluate=evaluate, run_dir=run.run_dir,
-      max_bad_steps=run.max_bad_steps)
+  with loop.StepProfile(run.profile_steps, str(run_dir / "profile")) as profile:
+    out = loop.run(
+        state=state, first_step=first, steps=run.steps, train_step=train_step, data_it=data_it,
+        stage=stage, stages=stages, stage_of=stage_of, train_iterator=train_iterator, to_global=to_global,
+        new_reader=lambda i: metrics_lib.MetricsReader.for_model(model_cfg, stages[i].seq_len, mesh),
+        ckpt=ckpt, preemption=preemption_lib.install_preemption_handler(), log=log,
+        log_every=run.log_every, eval_every=run.eval_every, evaluate=evaluate, run_dir=run.run_dir,
+        max_bad_steps=run.max_bad_steps, profile=profile)
   state, step, eval_loss, counts = out.state, out.step, out.eval_loss, out.token_counts
   ckpt.wait_until_finished()
 

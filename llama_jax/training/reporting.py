@@ -1,12 +1,14 @@
-"""What a run reports: metrics.jsonl, TensorBoard events and the progress line; the loss plot; the
-unigram entropy the held-out loss is compared with. Process 0 writes."""
+"""What a run reports: metrics.jsonl, TensorBoard events and the progress line; the compiled train step's
+FLOPs and memory; the loss plot; the unigram entropy the held-out loss is compared with. Process 0
+writes."""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import time
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -17,6 +19,35 @@ def unigram_entropy(token_counts: np.ndarray) -> float:
   """Entropy (nats) of the empirical unigram distribution: the loss of the best context-free model."""
   p = token_counts[token_counts > 0] / token_counts.sum()
   return float(-(p * np.log(p)).sum())
+
+
+def compiled_stats(compiled: Any, n_devices: int) -> dict[str, float]:
+  """XLA's count of a compiled step: FLOPs on all devices, and bytes per device.
+
+  The program XLA compiles is one device's share, so its FLOPs are multiplied by the device count. XLA
+  counts the body of a loop once, whatever its trip count: a scanned layer stack (scan_layers=True)
+  shows one layer's FLOPs, not L. peak_bytes = arguments + outputs not aliased to a donated argument +
+  temporaries + generated code: what the step needs resident on one device.
+  """
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older jax: one dict per program
+  out = {"compiled_flops": float((cost or {}).get("flops", math.nan)) * n_devices}
+  mem = compiled.memory_analysis()
+  if mem is not None:
+    out.update(argument_bytes=mem.argument_size_in_bytes, output_bytes=mem.output_size_in_bytes,
+               alias_bytes=mem.alias_size_in_bytes, temp_bytes=mem.temp_size_in_bytes,
+               generated_code_bytes=mem.generated_code_size_in_bytes)
+    out["peak_bytes"] = (out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"]
+                         + out["temp_bytes"] + out["generated_code_bytes"])
+  return {k: float(v) for k, v in out.items()}
+
+
+def _bytes(n: float) -> str:
+  for unit in ("B", "KiB", "MiB", "GiB"):
+    if n < 1024 or unit == "GiB":
+      return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+    n /= 1024
+  return ""
 
 
 class Log:
@@ -62,6 +93,27 @@ class Log:
       mfu = metrics.get("mfu", float("nan"))
       print(f"step {step:6d}/{self.total} | loss {metrics['loss']:.4f} | lr {metrics['lr']:.2e} | "
             f"{tps:9.0f} tok/s | MFU {100 * mfu:5.2f}% | ETA {_duration(eta)}", flush=True)
+
+  def compiled(self, step: int, stats: dict, note: str = ""):
+    """One line and one metrics.jsonl record for the compiled train step (`compiled_stats` plus
+    compile_s, compile_cache_hit and model_flops)."""
+    if not self.enabled:
+      return
+    record = {"step": step, **stats}
+    self.history.append(record)
+    self._file.write(json.dumps(record) + "\n")
+    self._file.flush()
+    hit = {1.0: " (from the compilation cache)", 0.0: " (not in the compilation cache)"}.get(
+        stats.get("compile_cache_hit"), "")
+    line = (f"train step compiled in {stats['compile_s']:.1f} s{hit} | {stats['compiled_flops']:.2e} FLOPs "
+            f"per step (XLA; {stats['compiled_flops'] / stats['model_flops']:.2f}x the model's "
+            f"{stats['model_flops']:.2e}{note})")
+    if "peak_bytes" in stats:
+      line += (f" | per device: arguments {_bytes(stats['argument_bytes'])}, outputs "
+               f"{_bytes(stats['output_bytes'])} ({_bytes(stats['alias_bytes'])} reusing donated inputs), "
+               f"temporaries {_bytes(stats['temp_bytes'])}, code {_bytes(stats['generated_code_bytes'])}, "
+               f"peak {_bytes(stats['peak_bytes'])}")
+    print(line, flush=True)
 
   def close(self):
     if self.enabled:

@@ -3,16 +3,18 @@ stop the run before a good checkpoint can be rotated out, retention keeps a peri
 flags that change the trajectory."""
 
 import dataclasses
+import glob
 import itertools
 import json
 import os
+import subprocess
 import sys
 
 import numpy as np
 import pytest
 
 from llama_jax.errors import ConfigError
-from llama_jax.training import checkpoint, losses, pretrain as runner, step as step_lib
+from llama_jax.training import checkpoint, flops, losses, pretrain as runner, step as step_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -132,3 +134,51 @@ def test_resume_refuses_flags_that_change_the_trajectory(text_data, tmp_path):
   assert runner.pretrain(dataclasses.replace(changed, steps=4, allow_config_change=True))["step"] == 4
   with open(run_dir / "run_config.json") as f:
     assert json.load(f)["optim"]["peak_lr"] == 1e-3
+
+
+def test_profile_and_compiled_step_report(text_data, tmp_path, capsys, caplog):
+  """--profile_steps=2,3 leaves a TensorBoard trace in <run_dir>/profile. The compiled step's report
+  (step 0, metrics.jsonl): its FLOPs on all devices within [1, 1.3]x the PaLM count of
+  training/flops.py (6N + attention per token; XLA also counts norms, softmax and the optimizer: 1.06x
+  measured here), with unrolled layers (XLA counts a scanned loop's body once); temporaries > 0. The
+  step compiles once (`lower().compile()` then the jitted calls: JAX keeps the executable). A resume in
+  this process makes a new step function, whose program it finds in the run's compilation cache."""
+  run = _run_config(text_data, tmp_path / "run", steps=3, profile_steps=(2, 3))
+  run = dataclasses.replace(run, model=dataclasses.replace(run.model, scan_layers=False))
+  import jax  # noqa: PLC0415
+  with jax.log_compiles(True):
+    runner.pretrain(run)
+  out = capsys.readouterr().out
+  assert "profiling steps 2-3" in out and "profile written" in out
+  assert len(glob.glob(os.path.join(run.run_dir, "profile", "plugins", "profile", "*", "*.xplane.pb"))) == 1
+  compiles = caplog.text.count("Finished XLA compilation of jit(train_step)")  # jax.log_compiles's line
+  assert compiles == 1, compiles
+
+  with open(os.path.join(run.run_dir, "metrics.jsonl")) as f:
+    (report,) = [r for r in map(json.loads, f) if "compiled_flops" in r]
+  assert report["step"] == 0 and report["compile_cache_hit"] == 0.0
+  cfg = dataclasses.replace(run.model, vocab_size=512)  # the tokenizer's
+  model_flops = flops.flops_per_token(cfg, run.seq_len) * run.batch_size * run.seq_len
+  assert report["model_flops"] == model_flops
+  assert 1.0 <= report["compiled_flops"] / model_flops <= 1.3, report
+  assert report["temp_bytes"] > 0 and report["peak_bytes"] >= report["argument_bytes"] > 0
+  assert "train step compiled in" in out and "(not in the compilation cache)" in out
+
+  runner.pretrain(dataclasses.replace(run, steps=4, profile_steps=None))
+  with open(os.path.join(run.run_dir, "metrics.jsonl")) as f:
+    reports = [r for r in map(json.loads, f) if "compiled_flops" in r]
+  assert [(r["step"], r["compile_cache_hit"]) for r in reports] == [(0, 0.0), (3, 1.0)]
+  assert "(from the compilation cache)" in capsys.readouterr().out
+
+
+def test_bad_profile_steps_name_the_flag(text_data, tmp_path):
+  with pytest.raises(ConfigError, match=r"--profile_steps=3,2: give FIRST,LAST with 1 <= FIRST <= LAST"):
+    _run_config(text_data, tmp_path / "run", steps=3, profile_steps=(3, 2))
+  with pytest.raises(ConfigError, match=r"--profile_steps=2,5: .* <= --steps=3"):
+    _run_config(text_data, tmp_path / "run", steps=3, profile_steps=(2, 5))
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "experiments/pretrain.py"), "--config=smoke",
+                         f"--run_dir={tmp_path / 'run'}", "--profile_steps=5"], capture_output=True,
+                        text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr
+  assert proc.stderr.strip().splitlines()[-1] == (
+      "error: --profile_steps=5: give two step numbers FIRST,LAST, e.g. --profile_steps=5,8.")

@@ -1,6 +1,7 @@
 """The pretraining entry point end to end: exact resume after kill -9 and SIGTERM, and bad input."""
 
 import dataclasses
+import glob
 import json
 import os
 import signal
@@ -65,11 +66,11 @@ def uninterrupted(text_data, tmp_path_factory):
   out = _run(_cmd(text_data, run_dir))
   losses = _losses(run_dir)
   assert sorted(losses) == list(range(1, STEPS + 1))
-  return losses, out
+  return losses, out, run_dir
 
 
 def test_default_run_prints_progress_and_learns(uninterrupted):
-  losses, out = uninterrupted
+  losses, out, _ = uninterrupted
   assert "step     40/40 | loss" in out and "tok/s" in out and "MFU" in out and "ETA" in out
   assert "vs unigram entropy of the same tokens" in out and "sample (greedy" in out
   assert np.mean([losses[s] for s in range(31, 41)]) < np.mean([losses[s] for s in range(1, 11)]) - 0.5
@@ -77,7 +78,7 @@ def test_default_run_prints_progress_and_learns(uninterrupted):
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
 def test_exact_resume(text_data, uninterrupted, tmp_path, sig):
-  ref, _ = uninterrupted
+  ref, _, _ = uninterrupted
   run_dir = str(tmp_path)
   rc, out, err = _interrupt(_cmd(text_data, run_dir), sig, run_dir)
   if sig == signal.SIGKILL:
@@ -101,6 +102,23 @@ def _run_config(text_data, tmp_path, **over):
                             eval_files=(text_data["eval"],), tokenizer=text_data["tokenizer"], mesh_fsdp=-1,
                             mesh_data=1, steps=2)
   return dataclasses.replace(run, **over)
+
+
+def test_a_second_start_compiles_nothing(text_data, uninterrupted, tmp_path):
+  """The persistent compilation cache, on by default in the run directory: the same run started again in
+  a new process (its own run directory, the first one's cache) finds every program there. JAX reports
+  each miss (JAX_EXPLAIN_CACHE_MISSES) and writes each compiled program (no minimum size or compile
+  time): there are none, and the train step's line says where it came from."""
+  cache = os.path.join(uninterrupted[2], "compilation_cache")
+  entries = sorted(os.listdir(cache))
+  assert any(e.startswith("jit_train_step") for e in entries), entries
+  proc = subprocess.run(_cmd(text_data, tmp_path / "again", f"--compilation_cache_dir={cache}"),
+                        capture_output=True, text=True, timeout=300,
+                        env={**_env(), "JAX_EXPLAIN_CACHE_MISSES": "1"})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "train step compiled in" in proc.stdout and "(from the compilation cache)" in proc.stdout
+  assert "PERSISTENT COMPILATION CACHE MISS" not in proc.stderr, proc.stderr[-3000:]
+  assert sorted(os.listdir(cache)) == entries
 
 
 def test_bad_inputs_name_the_flag(text_data, tmp_path):
@@ -180,9 +198,13 @@ def test_two_processes_train_checkpoint_and_resume(text_data, tmp_path):
   with open(os.path.join(data_dir, "metadata")) as f:
     assert json.load(f)["tokens"] == [12 * 8 * 64]  # 12 steps of 8 global rows of 64, one source
   # --steps=18 lengthens the cosine (total steps 12 -> 18): a change the resume must be allowed.
-  out = launch(18, port + 1 if port < 65535 else port - 1, "--allow_config_change")
+  out = launch(18, port + 1 if port < 65535 else port - 1, "--allow_config_change", "--profile_steps=14,15")
   assert "resumed from" in out and "at step 12" in out
   assert sorted(_losses(run_dir)) == list(range(1, 19))
+  # Each process traces its own devices into its own directory (the trace files are named by host).
+  for i in range(2):
+    trace = os.path.join(run_dir, "profile", f"process_{i}", "plugins", "profile", "*", "*.xplane.pb")
+    assert glob.glob(trace), trace
 
 
 # ----------------------------------------------------------------------------- --init_from
