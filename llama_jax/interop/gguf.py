@@ -124,6 +124,12 @@ def _rope_scaling(reader, path: str, head_dim: int, theta: float) -> RopeScaling
   return s
 
 
+def _f32(x) -> float:
+  """GGUF stores floats as fp32 (1e-5 reads 9.99999975e-06): the shortest decimal of that fp32, which is
+  the value the model was published with (what hf:/path gives for the same model)."""
+  return float(str(np.float32(x)))
+
+
 def config_from_gguf(reader, path: str, **overrides) -> ModelConfig:
   """ModelConfig from a GGUF file's `llama.*` metadata (absent output.weight: tied embeddings)."""
   arch = metadata(reader, "general.architecture")
@@ -137,8 +143,8 @@ def config_from_gguf(reader, path: str, **overrides) -> ModelConfig:
     fields = dict(
         dim=dim, num_layers=int(get("block_count")), num_heads=n,
         num_kv_heads=int(get("attention.head_count_kv", n)), mlp_dim=int(get("feed_forward_length")),
-        norm_eps=float(get("attention.layer_norm_rms_epsilon")),
-        rope_theta=float(get("rope.freq_base", 10_000.0)), max_seq_len=int(get("context_length")))
+        norm_eps=_f32(get("attention.layer_norm_rms_epsilon")),
+        rope_theta=_f32(get("rope.freq_base", 10_000.0)), max_seq_len=int(get("context_length")))
   except TypeError:  # int(None): a key the file lacks
     raise ConfigError(f"{path}: llama.* metadata incomplete (needs embedding_length, block_count, "
                       "feed_forward_length, attention.head_count, attention.layer_norm_rms_epsilon, "
