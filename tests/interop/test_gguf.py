@@ -89,6 +89,8 @@ def _write(path, config, *, arch="llama", types=TYPES, rope_freqs=None, drop=())
   w.add_layer_norm_rms_eps(config.norm_eps)
   w.add_vocab_size(config.vocab_size)
   w.add_rope_dimension_count(config.head_dim)
+  w.add_bos_token_id(5)
+  w.add_eos_token_id(6)
   expect = {}
 
   def add(hf_key, name, shape):
@@ -145,6 +147,29 @@ def test_every_type_dequantizes_to_the_numpy_block_formats(tmp_path, tied):
   _, again = init_from.load_pretrained(f"gguf:{path}", mesh, expect=config)
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(again)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_convert_cli_gguf_to_hf(tmp_path):
+  """experiments/convert.py as a user runs it: the HF export holds the dequantized weights and the
+  file's bos/eos ids."""
+  import json  # noqa: PLC0415
+  import subprocess  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+
+  from llama_jax.interop import hf  # noqa: PLC0415
+
+  expect = _write(tmp_path / "m.gguf", CFG)
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  out = subprocess.run([sys.executable, os.path.join(repo, "experiments", "convert.py"), "--from_format=gguf",
+                        f"--input={tmp_path}/m.gguf", "--to_format=hf", "--hf_dtype=float32",
+                        f"--output={tmp_path}/hf"], capture_output=True, text=True, timeout=300, cwd=repo,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": repo})
+  assert "wrote hf checkpoint" in out.stdout, out.stderr[-3000:]
+  cfg = json.load(open(tmp_path / "hf" / "config.json"))
+  assert (cfg["bos_token_id"], cfg["eos_token_id"]) == (5, 6)
+  reader = hf.SafetensorsReader(str(tmp_path / "hf"))
+  for key, want in expect.items():
+    np.testing.assert_array_equal(reader.get(key), want, err_msg=key)
 
 
 def test_llama3_rope_scaling_is_read_from_rope_freqs(tmp_path):
