@@ -80,7 +80,8 @@ def open_gguf(path: str):
   """The file's GGUFReader (memory-mapped: tensors are read when dequantized)."""
   path = os.fspath(path)
   if not os.path.isfile(path):
-    raise ConfigError(f"{path}: no such file; give the path of a .gguf file.")
+    what = "a directory, not a file" if os.path.isdir(path) else "no such file"
+    raise ConfigError(f"{path}: {what}; give the path of a .gguf file.")
   with open(path, "rb") as f:
     magic = f.read(4)
   if magic != GGUF_MAGIC:
