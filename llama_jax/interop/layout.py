@@ -64,6 +64,13 @@ def read_json(path: str, name: str, expected: str, fix: str) -> tuple[str, Any]:
     raise ConfigError(f"{cfg_file}: not JSON ({e}); {fix}") from None
 
 
+def interleaved_to_halves(w: np.ndarray, n_heads: int) -> np.ndarray:
+  """q/k rows of each head from RoPE's interleaved pairs (Meta's layout, and llama.cpp's GGUF) to HF's
+  halves (`rotate_half`): HF convert_llama_weights_to_hf `permute`, the inverse of llama.cpp's."""
+  out, d = w.shape
+  return w.reshape(n_heads, out // n_heads // 2, 2, d).transpose(0, 2, 1, 3).reshape(out, d)
+
+
 def table(config: ModelConfig) -> list[Entry]:
   v, d, f = config.vocab_size, config.dim, config.mlp_dim
   k, g, h = config.num_kv_heads, config.q_per_kv, config.head_dim

@@ -19,12 +19,6 @@ from llama_jax.errors import ConfigError
 from llama_jax.interop import layout
 
 
-def _meta_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
-  """Meta's interleaved RoPE rows → HF's halves, per head (HF convert_llama_weights_to_hf `permute`)."""
-  out, d = w.shape
-  return w.reshape(n_heads, out // n_heads // 2, 2, d).transpose(0, 2, 1, 3).reshape(out, d)
-
-
 class MetaReader:
   """Meta consolidated.*.pth (model-parallel shards concatenated), presented under HF names/layout."""
 
@@ -90,9 +84,9 @@ class MetaReader:
     parts = [p.float().numpy() for p in parts]
     w = np.concatenate(parts, axis=dim) if len(parts) > 1 else parts[0]
     if key.endswith("q_proj.weight"):
-      w = _meta_permute(w, self._config.num_heads)
+      w = layout.interleaved_to_halves(w, self._config.num_heads)
     elif key.endswith("k_proj.weight"):
-      w = _meta_permute(w, self._config.num_kv_heads)
+      w = layout.interleaved_to_halves(w, self._config.num_kv_heads)
     return w
 
 

@@ -80,7 +80,7 @@ def test_each_format_loads_onto_a_2x4_mesh_exactly(sources, kind):
 @pytest.mark.parametrize("spec", ["/ckpt/llama", "gs:/ckpt/llama", "hf:", "orbax"])
 def test_bad_spec_is_one_clear_error(spec):
   with pytest.raises(ConfigError, match=rf"^--init_from='{spec}': expected hf:/path \(Hugging Face\), "
-                     r"meta:/path \(Meta consolidated\) or orbax:/path"):
+                     r"meta:/path \(Meta consolidated\), gguf:/file.gguf \(llama.cpp\) or orbax:/path"):
     init_from.load_pretrained(spec, sharding.make_mesh())
 
 
