@@ -48,6 +48,8 @@ _ACCUM = flags.DEFINE_integer("grad_accum_steps", None, "Microbatches per optimi
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype (params stay fp32).")
 _REMAT = flags.DEFINE_enum("remat_policy", None, ["none", "full", "dots_saveable",
                                                   "dots_with_no_batch_dims_saveable"], "Rematerialization.")
+_LOSS_CHUNK = flags.DEFINE_integer("loss_chunk", None, "Sequence positions whose fp32 logits the loss "
+                                   "computes at a time (ModelConfig.loss_chunk).")
 distributed.define_flags()
 FLAGS = flags.FLAGS
 
@@ -71,7 +73,8 @@ def run_config() -> runner.RunConfig:
     opt["total_steps"] = over["steps"]
     if "warmup_steps" not in opt and run.optim.warmup_steps >= over["steps"]:
       opt["warmup_steps"] = max(1, over["steps"] // 10)  # a short run keeps a proportionate warmup
-  model = {k: v for k, v in (("dtype", _DTYPE.value), ("remat_policy", _REMAT.value)) if v is not None}
+  model = {k: v for k, v in (("dtype", _DTYPE.value), ("remat_policy", _REMAT.value),
+                             ("loss_chunk", _LOSS_CHUNK.value)) if v is not None}
   return dataclasses.replace(run, optim=dataclasses.replace(run.optim, **opt),
                              model=dataclasses.replace(run.model, **model), **over)
 

@@ -100,7 +100,7 @@ _HARMLESS = {"run_dir", "steps", "mesh_data", "mesh_fsdp", "mesh_context", "mesh
              "eval_batches", "eval_files", "checkpoint_every", "keep_checkpoints", "keep_period",
              "max_bad_steps", "allow_config_change", "data_dir", "sample_prompts", "sample_tokens",
              # The same math, other memory/compute trade-offs:
-             "optim.grad_accum_steps", "model.remat_policy"}
+             "optim.grad_accum_steps", "model.remat_policy", "model.loss_chunk"}
 # The flag that sets a field, where it is not --<field>.
 _FLAG = {"optim.peak_lr": "--lr", "optim.final_lr": "--final_lr", "optim.total_steps": "--steps",
          "optim.warmup_steps": "--warmup_steps", "model.dtype": "--dtype"}
