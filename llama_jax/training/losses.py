@@ -3,6 +3,10 @@
 reward margins). Sums add up exactly over microbatches and eval batches: the train step divides the summed
 loss (and gradient) by the total count once and reports each aux sum as a metric. Pretraining, SFT and
 DPO differ by this function and the data, never by a branch in the train step.
+
+Next-token losses take the model's final hidden states and apply the output layer themselves, a chunk of
+positions at a time (`chunked_cross_entropy`), so no [B, T, V] fp32 logits are ever held; the plain
+`cross_entropy` of the whole logits is their oracle (`pretrain_loss_reference`).
 """
 
 from __future__ import annotations
