@@ -11,6 +11,7 @@ positions at a time (`chunked_cross_entropy`), so no [B, T, V] fp32 logits are e
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -65,8 +66,9 @@ def chunked_cross_entropy(x_BTD: Float[Array, "B T D"], w_out: Float[Array, "...
   targets_nBc, mask_nBc = (nn.with_logical_constraint(chunks(a), (None, "act_batch", "act_seq"))
                            for a in (targets_BT, mask_BT))
 
-  # Saves nothing but its inputs (a chunk of x, the weight): the backward pass recomputes the chunk's logits.
-  @jax.checkpoint
+  # Saves nothing but its inputs (a chunk of x, the weight): the backward pass recomputes the chunk's
+  # logits. (No CSE barrier needed inside a scan: XLA cannot merge the recomputation with the forward.)
+  @functools.partial(jax.checkpoint, prevent_cse=False)
   def chunk_loss(w, x_BcD, targets_Bc, mask_Bc):
     return cross_entropy(transformer.output_logits(x_BcD, w, config), targets_Bc, mask_Bc)
 
