@@ -55,6 +55,8 @@ _REMAT = flags.DEFINE_enum("remat_policy", None, ["none", "full", "dots_saveable
                                                   "dots_with_no_batch_dims_saveable"], "Rematerialization.")
 _ATTENTION = flags.DEFINE_enum("attention_impl", None, list(AttentionImpl.__args__),
                                "Attention kernel; auto: splash on TPU, cuDNN on GPU, einsum on CPU.")
+_LOSS_CHUNK = flags.DEFINE_integer("loss_chunk", None, "Sequence positions whose fp32 logits the loss "
+                                   "computes at a time (ModelConfig.loss_chunk).")
 distributed.define_flags()
 FLAGS = flags.FLAGS
 
@@ -90,7 +92,8 @@ def run_config() -> runner.RunConfig:
     if "warmup_steps" not in opt and run.optim.warmup_steps >= over["steps"]:
       opt["warmup_steps"] = max(1, over["steps"] // 10)  # a short run keeps a proportionate warmup
   model = {k: v for k, v in (("dtype", _DTYPE.value), ("remat_policy", _REMAT.value),
-                             ("attention_impl", _ATTENTION.value)) if v is not None}
+                             ("attention_impl", _ATTENTION.value), ("loss_chunk", _LOSS_CHUNK.value))
+           if v is not None}
   return dataclasses.replace(run, optim=dataclasses.replace(run.optim, **opt),
                              model=dataclasses.replace(run.model, **model), **over)
 

@@ -52,7 +52,8 @@ class ModelConfig:
   rope_scaling: RopeScaling | None = RopeScaling()
   max_seq_len: int = 131_072
   tie_embeddings: bool = False
-  # Execution choices that change no value: dtype of the matmuls, layer scan, rematerialization.
+  # Execution choices that change no value: dtype of the matmuls, layer scan, rematerialization, and
+  # how many sequence positions the loss turns into logits at a time.
   dtype: DType = "float32"
   param_dtype: DType = "float32"
   scan_layers: bool = True
@@ -60,6 +61,9 @@ class ModelConfig:
   # "auto": splash on TPU, cuDNN on GPU (bf16/fp16), einsum on CPU (model/attention.py, resolve).
   attention_impl: AttentionImpl = "auto"
   attention_block_size: int = 512  # queries × keys per block of attention_impl="blockwise" or "splash"
+  # Positions per chunk of the output layer + cross-entropy (training/losses.py): fp32 logits exist for
+  # [B, loss_chunk, V] at a time, never [B, T, V]; a chunk's are recomputed in the backward pass.
+  loss_chunk: int = 1024
 
   def __post_init__(self):
     def need(ok: bool, field: str, msg: str):
@@ -67,7 +71,7 @@ class ModelConfig:
         raise ConfigError(f"ModelConfig.{field}: {msg}")
 
     for f in ("vocab_size", "dim", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
-              "max_seq_len", "attention_block_size"):
+              "max_seq_len", "attention_block_size", "loss_chunk"):
       v = getattr(self, f)
       need(isinstance(v, int) and v > 0, f, f"must be a positive integer, got {v!r}.")
     need(self.num_heads % self.num_kv_heads == 0, "num_kv_heads",

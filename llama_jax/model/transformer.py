@@ -181,8 +181,11 @@ class Transformer(nn.Module):
   def __call__(self, tokens_BT: Int[Array, "B T"], positions_BT: Int[Array, "B T"] | None = None,
                segment_ids_BT: Int[Array, "B T"] | None = None, *,
                row_index_BT: Int[Array, "B T"] | None = None,
-               return_hidden: bool = False) -> Float[Array, "B T V"]:
-    """`row_index_BT`: each token's index in its row, for the causal mask (None: arange(T)); a batch in
+               return_hidden: bool = False) -> Float[Array, "B T V"] | Float[Array, "B T D"]:
+    """Logits [B, T, V] in fp32, or with `return_hidden` the final-normed hidden states [B, T, D] (the
+    input of `output_logits`; an init with it creates no lm_head).
+
+    `row_index_BT`: each token's index in its row, for the causal mask (None: arange(T)); a batch in
     the context-parallel layout (llama_jax/parallel/context.py) passes its tokens' original indices."""
     c = self.config
     b, t = tokens_BT.shape
@@ -217,17 +220,26 @@ class Transformer(nn.Module):
                      metadata_params={nn.PARTITION_NAME: "layers"})
     x_BTD, _ = layers(c, name="layers")(x_BTD, positions_BT, mask, None)
     x_BTD = RMSNorm(c.norm_eps, c.dtype, c.param_dtype, name="final_norm")(x_BTD)
-    if return_hidden:
+    if return_hidden:  # the chunked loss (training/losses.py) applies the output layer itself
       return x_BTD
-
-    # Logits accumulated and returned in fp32 (not a bf16 product cast afterwards): the softmax over 128K
-    # entries is where low precision hurts most.
     if c.tie_embeddings:
-      logits_BTV = jnp.einsum("BTD,VD->BTV", x_BTD, embed_VD.astype(c.dtype),
-                              preferred_element_type=jnp.float32)
+      w_out = embed_VD
     else:
-      w_out_DV = _param(self, "lm_head", ("embed", "vocab"), (c.dim, c.vocab_size), _dense_init(0, 1),
-                        c.param_dtype)
-      logits_BTV = jnp.einsum("BTD,DV->BTV", x_BTD, w_out_DV.astype(c.dtype),
-                              preferred_element_type=jnp.float32)
-    return nn.with_logical_constraint(logits_BTV, ("act_batch", "act_seq", "act_vocab"))
+      w_out = _param(self, "lm_head", ("embed", "vocab"), (c.dim, c.vocab_size), _dense_init(0, 1),
+                     c.param_dtype)
+    return output_logits(x_BTD, w_out, c)
+
+
+def output_weight(params, config: ModelConfig) -> Float[Array, "V D"] | Float[Array, "D V"]:
+  """The output layer's weight in `params`: the embedding table [V, D] when tied, else lm_head [D, V]."""
+  return nn.unbox(params["embedding"] if config.tie_embeddings else params["lm_head"])
+
+
+def output_logits(x_BTD: Float[Array, "B T D"], w_out: Float[Array, "V D"] | Float[Array, "D V"],
+                  config: ModelConfig) -> Float[Array, "B T V"]:
+  """The output layer on final-normed hidden states (any number of positions T): fp32 logits."""
+  spec = "BTD,VD->BTV" if config.tie_embeddings else "BTD,DV->BTV"
+  # Logits accumulated and returned in fp32 (not a bf16 product cast afterwards): the softmax over 128K
+  # entries is where low precision hurts most.
+  logits_BTV = jnp.einsum(spec, x_BTD, w_out.astype(config.dtype), preferred_element_type=jnp.float32)
+  return nn.with_logical_constraint(logits_BTV, ("act_batch", "act_seq", "act_vocab"))
