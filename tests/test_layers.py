@@ -16,7 +16,7 @@ ALLOWED = {
     "kernels": {"errors", "config", "parallel"},
     "model": {"errors", "config", "parallel", "kernels"},
     "data": {"errors", "config", "parallel"},
-    "interop": {"errors", "config", "parallel", "model"},
+    "interop": {"errors", "config", "parallel", "model", "data"},  # a weights file may carry its tokenizer
     "inference": {"errors", "config", "parallel", "model"},
     "evals": {"errors", "config", "parallel", "kernels", "model", "data", "inference"},
     "training": {"errors", "config", "parallel", "kernels", "model", "data", "interop", "inference",

@@ -369,13 +369,13 @@ _TIKTOKEN_LINE = re.compile(rb"^[A-Za-z0-9+/=]+ \d+\s*$")
 
 def load_tokenizer(path: str) -> Tokenizer:
   """Opens each kind of tokenizer file: tiktoken text (`base64 rank` lines), a GGUF model file (its byte-level
-  BPE, llama_jax.interop.gguf) or a SentencePiece proto."""
+  BPE, llama_jax.data.gguf_file) or a SentencePiece proto."""
   path = _check_file(path, "--tokenizer")
   with open(path, "rb") as f:
     first = f.readline(256)
   if first.startswith(b"GGUF"):
-    from llama_jax.interop import gguf  # noqa: PLC0415 (same floor; only GGUF files need the gguf package)
-    return gguf.GGUFTokenizer(path)
+    from llama_jax.data import gguf_file  # noqa: PLC0415 (only GGUF files need the gguf package)
+    return gguf_file.GGUFTokenizer(path)
   if _TIKTOKEN_LINE.match(first):
     return Llama3Tokenizer(path)
   return SentencePieceTokenizer(path)
