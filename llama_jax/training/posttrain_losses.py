@@ -97,9 +97,16 @@ def dpo_loss(model: nn.Module, params: Any, batch: Batch, *, beta: float = 0.1,
   Use with the train step as `functools.partial(dpo_loss, beta=..., variant=...)`. A pair without any
   response token (batch padding) counts for nothing.
   """
+  return dpo_from_logps(response_token_logps(model, params, batch), batch, beta=beta,
+                        label_smoothing=label_smoothing, variant=variant, nll_coef=nll_coef)
+
+
+def dpo_from_logps(logp_BCT: Float[Array, "B C T"], batch: Batch, *, beta: float = 0.1,
+                   label_smoothing: float = 0.0, variant: DpoVariant = "sigmoid",
+                   nll_coef: float = 0.2) -> tuple[jax.Array, losses.Aux]:
+  """dpo_loss from the policy's per-token log-probs (the formulas, apart from the forward pass)."""
   if variant not in DpoVariant.__args__:
     raise ConfigError(f"dpo_loss: variant={variant!r}; choose one of {DpoVariant.__args__}.")
-  logp_BCT = response_token_logps(model, params, batch)
   mask_BCT = dpo_mask(batch)
   logp_BC = jnp.sum(logp_BCT * mask_BCT, axis=-1)
   # The reference log-probs are data from the scoring pass: no gradient reaches them.

@@ -72,13 +72,19 @@ def scorer(mesh1):
   return PL.score_reference(CFG, mesh1)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _forward(cfg, params, batch, hidden=False):
+  """The model on [B·C, T] rows (logits, or the final normed hidden states)."""
+  b, c, t = batch["inputs"].shape
+  rows = lambda k: batch[k].reshape(b * c, t)
+  return factory.make_model(cfg).apply({"params": params}, rows("inputs"), rows("positions"),
+                                       rows("segment_ids"), return_hidden=hidden)
+
+
 def _np_logps(params, batch):
   """float64 log-probs of every target from the model's own fp32 logits: [B, C, T]."""
   b, c, t = batch["inputs"].shape
-  logits = factory.make_model(CFG).apply({"params": params}, batch["inputs"].reshape(b * c, t),
-                                         batch["positions"].reshape(b * c, t),
-                                         batch["segment_ids"].reshape(b * c, t))
-  x = np.asarray(logits, np.float64)
+  x = np.asarray(_forward(CFG, params, batch), np.float64)
   m = x.max(-1, keepdims=True)
   logp = x - (m + np.log(np.exp(x - m).sum(-1, keepdims=True)))
   tgt = batch["targets"].reshape(b * c, t)
@@ -113,9 +119,27 @@ def np_dpo(policy_logp, ref_logp, batch, beta, label_smoothing, variant, nll_coe
       "dpo_loss": term.sum()}
 
 
-def _jit_loss(**kw):
-  model = factory.make_model(CFG)
-  return jax.jit(lambda p, b: PL.dpo_loss(model, p, b, **kw))
+# One jitted DPO loss (the defaults: sigmoid, β = 0.1, NLL coefficient 0.2) for every test that runs it.
+_dpo = jax.jit(lambda p, b: PL.dpo_loss(factory.make_model(CFG), p, b))
+
+
+def _check_dpo(got_loss, got_aux, policy_logp, ref_logp, batch, **kw):
+  scale, want_loss, want_aux = np_dpo(policy_logp, ref_logp, batch, **kw)
+  # fp32 log-softmax and sums over ≤ 20 tokens of log-probs ≈ -5.5: a few 1e-7 of the operands.
+  np.testing.assert_allclose(float(got_loss), want_loss, rtol=1e-6)
+  assert set(got_aux) == set(want_aux)
+  for k, v in want_aux.items():
+    tol = 1e-6 * max(abs(v), scale.get(k.split("/")[0], 0.0), 1.0)
+    np.testing.assert_allclose(float(got_aux[k]), v, rtol=0, atol=tol, err_msg=k)
+
+
+@pytest.fixture(scope="module")
+def scored(policy_ref, scorer, mesh1):
+  """A batch with ref_logp, the policy's fp32 token log-probs, and both models' float64 ones."""
+  policy, ref = policy_ref
+  batch = PL.add_reference_logps(scorer, ref, make_pref_batch(1), mesh1)
+  logp = jax.jit(lambda p, b: PL.response_token_logps(factory.make_model(CFG), p, b))(policy, batch)
+  return batch, logp, _np_logps(policy, batch), _np_logps(ref, batch)
 
 
 def test_sft_loss_is_the_pretraining_loss():
@@ -135,31 +159,33 @@ def test_reference_scores_match_numpy(policy_ref, scorer):
 @pytest.mark.parametrize("variant,label_smoothing,nll_coef", [
     ("sigmoid", 0.0, 0.2), ("sigmoid", 0.1, 0.2), ("sigmoid", 0.0, 0.0), ("ipo", 0.0, 0.2),
     ("hinge", 0.0, 0.2)])
-def test_dpo_matches_numpy(policy_ref, scorer, mesh1, variant, label_smoothing, nll_coef):
-  policy, ref = policy_ref
-  batch = PL.add_reference_logps(scorer, ref, make_pref_batch(1), mesh1)
-  # A large beta (hinge and sigmoid away from their flat/zero regions on random models' small Δ).
+def test_dpo_formulas_match_numpy(scored, variant, label_smoothing, nll_coef):
+  batch, logp, np_policy, np_ref = scored
+  # A large beta for sigmoid and hinge: away from the hinge's zero region on random models' small Δ.
   beta = 0.1 if variant == "ipo" else 2.0
   kw = dict(beta=beta, label_smoothing=label_smoothing, variant=variant, nll_coef=nll_coef)
-  loss_sum, aux = _jit_loss(**kw)(policy, batch)
-  scale, want_loss, want_aux = np_dpo(_np_logps(policy, batch), _np_logps(ref, batch), batch, **kw)
-  # fp32 log-softmax and sums over ≤ 20 tokens of log-probs ≈ -5.5: a few 1e-7 of the operands.
-  np.testing.assert_allclose(float(loss_sum), want_loss, rtol=1e-6)
-  assert set(aux) == set(want_aux)
-  for k, v in want_aux.items():
-    tol = 1e-6 * max(abs(v), scale.get(k.split("/")[0], 0.0), 1.0)
-    np.testing.assert_allclose(float(aux[k]), v, rtol=0, atol=tol, err_msg=k)
+  loss_sum, aux = PL.dpo_from_logps(logp, batch, **kw)
+  _check_dpo(loss_sum, aux, np_policy, np_ref, batch, **kw)
   if variant == "hinge":  # the hinge is active on some pair, else the test shows nothing
     assert 0 < float(aux["dpo_loss"])
+
+
+def test_dpo_loss_matches_numpy(policy_ref, scored):
+  """The whole loss (forward pass included, jitted) at its defaults: sigmoid, β = 0.1, NLL 0.2."""
+  batch, _, np_policy, np_ref = scored
+  _check_dpo(*_dpo(policy_ref[0], batch), np_policy, np_ref, batch, beta=0.1, label_smoothing=0.0,
+             variant="sigmoid", nll_coef=0.2)
 
 
 def test_policy_equal_to_reference_gives_log2_and_zero_rewards(policy_ref, scorer, mesh1):
   policy, _ = policy_ref
   batch = PL.add_reference_logps(scorer, policy, make_pref_batch(2), mesh1)
-  loss_sum, aux = _jit_loss(nll_coef=0.0)(policy, batch)
-  np.testing.assert_allclose(float(loss_sum), B * np.log(2.0), rtol=1e-6)
-  for k in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
-    assert abs(float(aux[k])) < 1e-6, k
+  _, aux = _dpo(policy, batch)
+  # The DPO term alone (the NLL term is reported apart): log 2 per pair; rewards 0 to the fp32 noise of
+  # β·(two sums of ≈ 100) computed by two programs.
+  np.testing.assert_allclose(float(aux["dpo_loss"]), B * np.log(2.0), rtol=1e-6)
+  for k in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
+    assert abs(float(aux[k])) < 1e-5, (k, float(aux[k]))
 
 
 def test_formatting_tokens_count_for_nll_only(policy_ref, scorer, mesh1):
@@ -167,7 +193,7 @@ def test_formatting_tokens_count_for_nll_only(policy_ref, scorer, mesh1):
   not move; the NLL moves when the token is in the chosen response, nothing moves for the rejected."""
   policy, ref = policy_ref
   batch = PL.add_reference_logps(scorer, ref, make_pref_batch(3), mesh1)
-  f = _jit_loss(nll_coef=0.2)
+  f = _dpo
   _, aux0 = f(policy, batch)
 
   def with_format_target_changed(c):
@@ -193,8 +219,8 @@ def test_gradient_reaches_policy_not_reference_logps(policy_ref, scorer, mesh1):
   policy, ref = policy_ref
   batch = PL.add_reference_logps(scorer, ref, make_pref_batch(4), mesh1)
   model = factory.make_model(CFG)
-  g_params, g_ref = jax.grad(lambda p, r: PL.dpo_loss(model, p, {**batch, "ref_logp": r})[0],
-                             argnums=(0, 1))(policy, jnp.asarray(batch["ref_logp"]))
+  g_params, g_ref = jax.jit(jax.grad(lambda p, r: PL.dpo_loss(model, p, {**batch, "ref_logp": r})[0],
+                                     argnums=(0, 1)))(policy, jnp.asarray(batch["ref_logp"]))
   assert np.all(np.asarray(g_ref) == 0)
   leaves = [np.asarray(g) for g in jax.tree.leaves(g_params)]
   assert all(np.all(np.isfinite(g)) for g in leaves) and sum(float(np.abs(g).sum()) for g in leaves) > 0
@@ -202,7 +228,7 @@ def test_gradient_reaches_policy_not_reference_logps(policy_ref, scorer, mesh1):
 
 def test_dpo_rejects_an_unknown_variant(policy_ref):
   with pytest.raises(ConfigError, match="variant='kto'; choose one of"):
-    PL.dpo_loss(factory.make_model(CFG), policy_ref[0], make_pref_batch(0), variant="kto")
+    PL.dpo_from_logps(jnp.zeros((B, 2, T)), make_pref_batch(0), variant="kto")
 
 
 @pytest.fixture(scope="module")
@@ -214,19 +240,20 @@ def _state(cfg, mesh, params=None, opt=OPT):
   return train.create_train_state(cfg, opt, mesh, jax.random.key(0), params=params)
 
 
-def test_dpo_train_steps_raise_margins_and_accuracy(mesh4):
+def test_dpo_train_steps_raise_margins_and_accuracy(mesh4, scorer, mesh1):
   """The one train step with the DPO loss on a [B, C, T] batch (sharded over fsdp × tensor): from the
   reference (margins 0), a few updates on the batch make chosen more likely than rejected."""
   state = _state(CFG, mesh4)
-  ref = jax.tree.map(jnp.copy, state.params)
-  batch = PL.add_reference_logps(PL.score_reference(CFG, mesh4), ref, make_pref_batch(5), mesh4)
+  ref = jax.device_get(state.params)  # the reference is the initial policy, scored on one device
+  batch = PL.add_reference_logps(scorer, ref, make_pref_batch(5), mesh1)
   step = train.make_train_step(CFG, OPT, mesh4, loss_fn=functools.partial(PL.dpo_loss, beta=0.1))
   history = []
   for _ in range(6):
     state, m = step(state, batch)
     history.append({k: float(v) for k, v in m.items()})
   first, last = history[0], history[-1]
-  assert first["tokens"] == B and abs(first["rewards/margins"]) < 1e-6  # step 0 scores the reference
+  # Step 0's metrics are the reference's own: margins 0 up to fp32 noise of β·(sums of ≈ 100).
+  assert first["tokens"] == B and abs(first["rewards/margins"]) < 1e-5
   # Metrics are means over pairs: the loss is the mean DPO term + 0.2 × the mean NLL.
   np.testing.assert_allclose(first["loss"], first["dpo_loss"] + 0.2 * first["nll_loss"], rtol=1e-6)
   np.testing.assert_allclose(first["dpo_loss"], np.log(2.0), rtol=1e-6)
@@ -234,17 +261,18 @@ def test_dpo_train_steps_raise_margins_and_accuracy(mesh4):
   assert last["dpo_loss"] < first["dpo_loss"] - 0.01 and last["nll_loss"] < first["nll_loss"]
 
 
-def test_dpo_accumulation_equals_one_batch(mesh4):
+def test_dpo_accumulation_equals_one_batch(policy_ref, mesh1):
   """Microbatches split whole pairs: gradient, loss and every metric sum equal the one-batch values."""
-  params = _state(CFG, mesh4).params
-  ref = P.init_params(CFG, mesh4, jax.random.key(7))
-  batch = PL.add_reference_logps(PL.score_reference(CFG, mesh4), ref, make_pref_batch(6, b=8), mesh4)
+  params = policy_ref[0]
+  batch = make_pref_batch(6, b=8)
+  # ref_logp is data: any values do (here near the policy's, so the margins are of both signs).
+  batch["ref_logp"] = np.random.default_rng(0).normal(-100, 3, (8, 2)).astype(np.float32)
   loss_fn = functools.partial(PL.dpo_loss, beta=0.5, nll_coef=0.2)
   model = factory.make_model(CFG)
 
   def run(accum):
     f = jax.jit(lambda p, b: train.accumulated_grads(model, loss_fn, p, b, accum))
-    with sharding.use(mesh4, sharding.logical_rules(CFG, mesh4)):
+    with sharding.use(mesh1, sharding.logical_rules(CFG, mesh1)):
       return jax.device_get(f(params, batch))
 
   (g1, l1, a1), (g2, l2, a2) = run(1), run(2)
@@ -278,11 +306,10 @@ def test_reward_loss_matches_numpy(mesh1):
   params = P.init_params(RM_CFG, mesh1, jax.random.key(0))
   batch = make_pref_batch(7)
   model = factory.make_model(RM_CFG)
-  loss_sum, aux = jax.jit(lambda p, b: PL.reward_loss(model, p, b))(params, batch)
+  f = jax.jit(lambda p, b: PL.reward_loss(model, p, b))
+  loss_sum, aux = f(params, batch)
   b, c, t = batch["inputs"].shape
-  h = np.asarray(model.apply({"params": params}, batch["inputs"].reshape(b * c, t),
-                             batch["positions"].reshape(b * c, t), batch["segment_ids"].reshape(b * c, t),
-                             return_hidden=True), np.float64).reshape(b, c, t, -1)
+  h = np.asarray(_forward(RM_CFG, params, batch, hidden=True), np.float64).reshape(b, c, t, -1)
   h_last = np.take_along_axis(h, batch["last_index"][..., None, None], axis=2)[:, :, 0]
   r = h_last @ np.asarray(params["reward_head"], np.float64)
   m = r[:, 0] - r[:, 1]
@@ -295,13 +322,13 @@ def test_reward_loss_matches_numpy(mesh1):
   # The reward reads the last real token: what follows it (padding) changes nothing.
   b2 = {k: v.copy() for k, v in batch.items()}
   b2["inputs"][0, 0, b2["last_index"][0, 0] + 1:] = 5
-  assert float(jax.jit(lambda p, b: PL.reward_loss(model, p, b))(params, b2)[0]) == float(loss_sum)
+  assert float(f(params, b2)[0]) == float(loss_sum)
 
 
-def test_reward_train_steps_raise_pair_accuracy(mesh4):
-  state = _state(RM_CFG, mesh4)
+def test_reward_train_steps_raise_pair_accuracy(mesh1):
+  state = _state(RM_CFG, mesh1)
   batch = make_pref_batch(8, b=8, separable=True)
-  step = train.make_train_step(RM_CFG, OPT, mesh4, loss_fn=PL.reward_loss)
+  step = train.make_train_step(RM_CFG, OPT, mesh1, loss_fn=PL.reward_loss)
   history = []
   for _ in range(8):
     state, m = step(state, batch)
