@@ -107,6 +107,14 @@ def dpo_from_logps(logp_BCT: Float[Array, "B C T"], batch: Batch, *, beta: float
   """dpo_loss from the policy's per-token log-probs (the formulas, apart from the forward pass)."""
   if variant not in DpoVariant.__args__:
     raise ConfigError(f"dpo_loss: variant={variant!r}; choose one of {DpoVariant.__args__}.")
+  if not beta > 0:
+    raise ConfigError(f"dpo_loss: beta={beta}; use beta > 0 (the paper's DPO runs use 0.1).")
+  if label_smoothing and (variant != "sigmoid" or not 0 < label_smoothing < 0.5):
+    raise ConfigError(f"dpo_loss: label_smoothing={label_smoothing} with variant={variant!r}; label "
+                      "smoothing is for variant='sigmoid', with 0 <= label_smoothing < 0.5.")
+  if "ref_logp" not in batch:
+    raise ConfigError("dpo_loss: the batch has no ref_logp; score it first with "
+                      "posttrain_losses.add_reference_logps(score_reference(...), ref_params, batch, mesh).")
   mask_BCT = dpo_mask(batch)
   logp_BC = jnp.sum(logp_BCT * mask_BCT, axis=-1)
   # The reference log-probs are data from the scoring pass: no gradient reaches them.

@@ -62,6 +62,11 @@ def mesh1():
 
 
 @pytest.fixture(scope="module")
+def mesh4():
+  return _mesh(fsdp=2, tensor=2)
+
+
+@pytest.fixture(scope="module")
 def policy_ref(mesh1):
   """Two different models: the policy and the reference."""
   return P.init_params(CFG, mesh1, jax.random.key(0)), P.init_params(CFG, mesh1, jax.random.key(1))
@@ -147,13 +152,17 @@ def test_sft_loss_is_the_pretraining_loss():
   assert PL.sft_loss is losses.pretrain_loss
 
 
-def test_reference_scores_match_numpy(policy_ref, scorer):
+def test_reference_scores_match_numpy(policy_ref, scorer, mesh4):
   _, ref = policy_ref
   batch = make_pref_batch(0)
   want = (_np_logps(ref, batch) * batch["response_mask"] * (1 - batch["format_mask"])).sum(-1)
   got = np.asarray(scorer(ref, batch))
   assert got.shape == (B, 2) and got.dtype == np.float32
   np.testing.assert_allclose(got, want, rtol=1e-6)
+  # Pairs split over fsdp (and the vocabulary over tensor): each process fills the rows it holds.
+  scored = PL.add_reference_logps(PL.score_reference(CFG, mesh4), jax.device_get(ref), batch, mesh4)
+  assert "ref_logp" not in batch and scored["ref_logp"].dtype == np.float32
+  np.testing.assert_allclose(scored["ref_logp"], want, rtol=1e-6)
 
 
 @pytest.mark.parametrize("variant,label_smoothing,nll_coef", [
@@ -226,14 +235,17 @@ def test_gradient_reaches_policy_not_reference_logps(policy_ref, scorer, mesh1):
   assert all(np.all(np.isfinite(g)) for g in leaves) and sum(float(np.abs(g).sum()) for g in leaves) > 0
 
 
-def test_dpo_rejects_an_unknown_variant(policy_ref):
+def test_dpo_refuses_bad_settings():
+  logp, batch = jnp.zeros((B, 2, T)), make_pref_batch(0)
   with pytest.raises(ConfigError, match="variant='kto'; choose one of"):
-    PL.dpo_from_logps(jnp.zeros((B, 2, T)), make_pref_batch(0), variant="kto")
-
-
-@pytest.fixture(scope="module")
-def mesh4():
-  return _mesh(fsdp=2, tensor=2)
+    PL.dpo_from_logps(logp, batch, variant="kto")
+  with pytest.raises(ConfigError, match="beta=0.0; use beta > 0"):
+    PL.dpo_from_logps(logp, batch, beta=0.0)
+  with pytest.raises(ConfigError, match="the batch has no ref_logp; score it first"):
+    PL.dpo_from_logps(logp, {k: v for k, v in batch.items() if k != "ref_logp"})
+  batch["ref_logp"] = np.zeros((B, 2), np.float32)
+  with pytest.raises(ConfigError, match="label_smoothing=0.1 with variant='ipo'"):
+    PL.dpo_from_logps(logp, batch, variant="ipo", label_smoothing=0.1)
 
 
 def _state(cfg, mesh, params=None, opt=OPT):
