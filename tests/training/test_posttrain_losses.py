@@ -338,6 +338,9 @@ def test_reward_loss_matches_numpy(mesh1):
 
 
 def test_reward_train_steps_raise_pair_accuracy(mesh1):
+  """A few steps of the one train step with the Bradley–Terry loss rank the training pairs (accuracy on
+  the batch trained on; with 8 pairs the tiny model memorizes more than it generalizes: held-out pairs
+  of the same toy set went from 0.75 to 0.81 in a trial, so this checks the loss and head, not learning)."""
   state = _state(RM_CFG, mesh1)
   batch = make_pref_batch(8, b=8, separable=True)
   step = train.make_train_step(RM_CFG, OPT, mesh1, loss_fn=PL.reward_loss)
