@@ -133,7 +133,8 @@ def dpo_from_logps(logp_BCT: Float[Array, "B C T"], batch: Batch, *, beta: float
 
   # NLL on the chosen response, formatting tokens included; per-pair token mean.
   chosen_mask_BT = batch["response_mask"][:, 0].astype(jnp.float32)
-  nll_B = -jnp.sum(logp_BCT[:, 0] * chosen_mask_BT, axis=-1) / jnp.maximum(jnp.sum(chosen_mask_BT, -1), 1.0)
+  n_chosen_B = jnp.maximum(jnp.sum(chosen_mask_BT, axis=-1), 1.0)
+  nll_B = -jnp.sum(logp_BCT[:, 0] * chosen_mask_BT, axis=-1) / n_chosen_B
 
   pair_B = (jnp.sum(batch["response_mask"].astype(jnp.float32), axis=(1, 2)) > 0).astype(jnp.float32)
   loss_sum = jnp.sum(pair_B * (term_B + nll_coef * nll_B))

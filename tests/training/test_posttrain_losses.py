@@ -179,6 +179,17 @@ def test_dpo_formulas_match_numpy(scored, variant, label_smoothing, nll_coef):
     assert 0 < float(aux["dpo_loss"])
 
 
+def test_padding_pairs_count_for_nothing(scored):
+  """A pair with no response token (a padded batch) adds nothing to the loss, the count or a metric."""
+  batch, logp, _, _ = scored
+  padded = {k: np.concatenate([v, np.zeros_like(v[:1])]) for k, v in batch.items()}
+  for variant in ("sigmoid", "ipo", "hinge"):
+    want, got = (PL.dpo_from_logps(lp, b, variant=variant)
+                 for lp, b in ((logp, batch), (jnp.concatenate([logp, jnp.zeros_like(logp[:1])]), padded)))
+    assert float(got[0]) == float(want[0]) and float(got[1]["tokens"]) == B
+    assert {k: float(v) for k, v in got[1].items()} == {k: float(v) for k, v in want[1].items()}
+
+
 def test_dpo_loss_matches_numpy(policy_ref, scored):
   """The whole loss (forward pass included, jitted) at its defaults: sigmoid, β = 0.1, NLL 0.2."""
   batch, _, np_policy, np_ref = scored
