@@ -16,6 +16,9 @@ from llama_jax.errors import ConfigError
 RematPolicy = Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"]
 AttentionImpl = Literal["auto", "einsum", "xla", "cudnn", "splash", "blockwise"]
 DType = Literal["float32", "bfloat16", "float16"]
+# The output head: "lm" = next-token logits [B, T, V]; "reward" = one scalar per row from the final normed
+# hidden state of its last real token (the reward model, llama_jax/training/posttrain_losses.py).
+Head = Literal["lm", "reward"]
 
 LLAMA3_VOCAB = 128_256  # 128,000 BPE ranks + 256 special tokens
 
@@ -64,6 +67,7 @@ class ModelConfig:
   # Positions per chunk of the output layer + cross-entropy (training/losses.py): fp32 logits exist for
   # [B, loss_chunk, V] at a time, never [B, T, V]; a chunk's are recomputed in the backward pass.
   loss_chunk: int = 1024
+  head: Head = "lm"
 
   def __post_init__(self):
     def need(ok: bool, field: str, msg: str):
@@ -82,7 +86,7 @@ class ModelConfig:
     need(self.norm_eps > 0, "norm_eps", f"must be > 0, got {self.norm_eps}.")
     need(self.rope_theta > 0, "rope_theta", f"must be > 0 (Llama 3 uses 500000), got {self.rope_theta}.")
     for f, choices in (("dtype", DType), ("param_dtype", DType), ("remat_policy", RematPolicy),
-                       ("attention_impl", AttentionImpl)):
+                       ("attention_impl", AttentionImpl), ("head", Head)):
       allowed = choices.__args__
       need(getattr(self, f) in allowed, f, f"got {getattr(self, f)!r}; choose one of {allowed}.")
     s = self.rope_scaling
@@ -104,8 +108,9 @@ class ModelConfig:
     d, h = self.dim, self.head_dim
     attn = d * self.num_heads * h * 2 + d * self.num_kv_heads * h * 2
     layer = attn + 3 * d * self.mlp_dim + 2 * d
-    embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)
-    return self.num_layers * layer + d + embed
+    # The reward head replaces the output layer [D, V] by a vector [D].
+    out = d if self.head == "reward" else (0 if self.tie_embeddings else self.vocab_size * d)
+    return self.num_layers * layer + d + self.vocab_size * d + out
 
 
 # Llama 3 (April 2024): same as 3.1 without RoPE scaling, 8K context.

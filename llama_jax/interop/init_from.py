@@ -16,7 +16,7 @@ FORMS = ("hf:/path (Hugging Face), meta:/path (Meta consolidated), gguf:/file.gg
 # The fields that fix the params' shapes and meaning; the run keeps its own dtypes, scan, remat,
 # attention implementation and max_seq_len.
 SHAPE_FIELDS = ("vocab_size", "dim", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
-                "tie_embeddings", "rope_theta", "rope_scaling", "norm_eps")
+                "tie_embeddings", "rope_theta", "rope_scaling", "norm_eps", "head")
 
 
 def parse(spec: str) -> tuple[str, str]:

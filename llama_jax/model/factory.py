@@ -10,5 +10,6 @@ from llama_jax.model.transformer import Transformer
 
 
 def make_model(config: ModelConfig) -> nn.Module:
-  """The Flax module for `config`: tokens [B, T] (+ positions, segment ids) → logits [B, T, V] in fp32."""
+  """The Flax module for `config`: tokens [B, T] (+ positions, segment ids) → logits [B, T, V] in fp32,
+  or with `config.head == "reward"` one fp32 reward per row (read at `last_index_B`)."""
   return Transformer(config)

@@ -12,6 +12,7 @@ from jax.sharding import Mesh
 
 from llama_jax.parallel import sharding
 from llama_jax.config import ModelConfig
+from llama_jax.errors import ConfigError
 from llama_jax.model import factory
 
 Params = Any
@@ -57,3 +58,23 @@ def init_params(config: ModelConfig, mesh: Mesh, rng: jax.Array) -> Params:
 
 def count_params(params: Params) -> int:
   return sum(int(x.size) for x in jax.tree.leaves(nn.unbox(params)))
+
+
+def reward_params_from_lm(lm_params: Params, config: ModelConfig, mesh: Mesh, rng: jax.Array) -> Params:
+  """A language model's params (laid out on `mesh`, e.g. from interop/init_from.load_pretrained with
+  `head="lm"`) as the start of the reward model `config` (head="reward", same shape): the trunk is kept,
+  the output layer dropped, and a fresh scalar head drawn as the model's init draws it (Llama 3 §4.1.2
+  trains the reward model on top of the pre-trained checkpoint)."""
+  if config.head != "reward":
+    raise ConfigError(f"reward_params_from_lm: ModelConfig.head is {config.head!r}; pass the reward "
+                     "model's config (head='reward').")
+  shardings = param_shardings(config, mesh)
+  d = config.dim
+  draw = lambda r: nn.initializers.normal(stddev=d**-0.5)(r, (d,), config.param_dtype)
+  params = {k: v for k, v in lm_params.items() if k != "lm_head"}
+  params["reward_head"] = jax.jit(draw, out_shardings=shardings["reward_head"])(rng)
+  want, got = jax.tree.structure(shardings), jax.tree.structure(params)
+  if want != got:
+    raise ConfigError(f"reward_params_from_lm: the LM params do not fit the reward model's ModelConfig "
+                      f"(tree {got} vs {want}); load the LM with the same shape fields.")
+  return params

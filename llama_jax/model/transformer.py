@@ -181,9 +181,12 @@ class Transformer(nn.Module):
   def __call__(self, tokens_BT: Int[Array, "B T"], positions_BT: Int[Array, "B T"] | None = None,
                segment_ids_BT: Int[Array, "B T"] | None = None, *,
                row_index_BT: Int[Array, "B T"] | None = None,
-               return_hidden: bool = False) -> Float[Array, "B T V"] | Float[Array, "B T D"]:
+               last_index_B: Int[Array, "B"] | None = None,
+               return_hidden: bool = False,
+               ) -> Float[Array, "B T V"] | Float[Array, "B T D"] | Float[Array, "B"]:
     """Logits [B, T, V] in fp32, or with `return_hidden` the final-normed hidden states [B, T, D] (the
-    input of `output_logits`; an init with it creates no lm_head).
+    input of `output_logits`; an init with it creates no lm_head), or with `config.head == "reward"` one
+    fp32 reward per row, read at `last_index_B` (the row's last real token; None: T - 1).
 
     `row_index_BT`: each token's index in its row, for the causal mask (None: arange(T)); a batch in
     the context-parallel layout (llama_jax/parallel/context.py) passes its tokens' original indices."""
@@ -222,6 +225,8 @@ class Transformer(nn.Module):
     x_BTD = RMSNorm(c.norm_eps, c.dtype, c.param_dtype, name="final_norm")(x_BTD)
     if return_hidden:  # the chunked loss (training/losses.py) applies the output layer itself
       return x_BTD
+    if c.head == "reward":
+      return _reward_head(self, x_BTD, last_index_B, row_index_BT)
     if c.tie_embeddings:
       w_out = embed_VD
     else:
@@ -243,3 +248,21 @@ def output_logits(x_BTD: Float[Array, "B T D"], w_out: Float[Array, "V D"] | Flo
   # entries is where low precision hurts most.
   logits_BTV = jnp.einsum(spec, x_BTD, w_out.astype(config.dtype), preferred_element_type=jnp.float32)
   return nn.with_logical_constraint(logits_BTV, ("act_batch", "act_seq", "act_vocab"))
+
+
+def _reward_head(module: nn.Module, x_BTD, last_index_B, row_index_BT):
+  """The reward model's scalar head (Llama 3 §4.1.2): w · h over the final normed hidden state h of each
+  row's last real token; no bias (a constant cancels in the Bradley–Terry difference)."""
+  b, t, d = x_BTD.shape
+  # Unit-RMS hidden states and a 1/sqrt(D) vector start the rewards near unit scale.
+  w_D = _param(module, "reward_head", ("embed",), (d,), nn.initializers.normal(stddev=d**-0.5),
+               module.config.param_dtype)
+  if last_index_B is None:
+    last_index_B = jnp.full((b,), t - 1, jnp.int32)
+  # A one-hot contraction instead of a gather: with T split over `context` it reduces locally (and in
+  # the context-parallel layout the row index of a token is row_index_BT, not its place in the array).
+  index_BT = jnp.arange(t)[None] if row_index_BT is None else row_index_BT
+  pick_BT = (index_BT == last_index_B[:, None]).astype(x_BTD.dtype)
+  h_BD = jnp.einsum("BT,BTD->BD", pick_BT, x_BTD)
+  # fp32 accumulation: the reward differences, not the rewards, carry the signal.
+  return jnp.einsum("BD,D->B", h_BD, w_D.astype(x_BTD.dtype), preferred_element_type=jnp.float32)

@@ -175,7 +175,9 @@ def make_train_step(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, mesh: Mesh
 
   metrics (fp32 scalars, on device): loss (mean over counted tokens), grad_norm (before clipping),
   lr (the one this update used), skipped (1 if the loss or gradient norm was not finite and the update
-  was dropped), and every sum of the loss's aux (tokens: counted loss tokens, ...).
+  was dropped), tokens (aux["tokens"]: the count the loss is divided by — loss tokens, or pairs for
+  DPO and the reward model), and every other sum of the loss's aux divided by that count (e.g. DPO's
+  rewards/margins: a mean over pairs).
   """
   model = factory.make_model(model_cfg)
   tx = make_optimizer(opt_cfg)
@@ -184,10 +186,12 @@ def make_train_step(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, mesh: Mesh
   accum = opt_cfg.grad_accum_steps
 
   def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
-    b, t = batch["inputs"].shape
+    # [B, T], or [B, C, T] for preference pairs: microbatches split B, so a pair never splits.
+    b, t = batch["inputs"].shape[0], batch["inputs"].shape[-1]
     check_batch_shape(b, t, model_cfg, opt_cfg, mesh)  # at trace time
     grads, loss_sum, aux = accumulated_grads(model, loss_fn, state.params, batch, accum, state_sh.params)
-    loss, grad_norm = loss_sum / jnp.maximum(aux["tokens"], 1.0), optax.tree.norm(grads)
+    count = jnp.maximum(aux["tokens"], 1.0)
+    loss, grad_norm = loss_sum / count, optax.tree.norm(grads)
     lr = jnp.asarray(schedule(_schedule_count(state.opt_state)), jnp.float32)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     # A NaN/Inf loss or gradient must not reach the params: keep the old params and optimizer state
@@ -199,7 +203,9 @@ def make_train_step(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, mesh: Mesh
     new_state = state.replace(step=state.step + 1,
                               params=keep(optax.apply_updates(state.params, updates), state.params),
                               opt_state=keep(opt_state, state.opt_state))
-    metrics = {**aux, "loss": loss, "grad_norm": grad_norm, "lr": lr,
+    # Every other aux sum is reported as its mean per counted unit, like the loss.
+    means = {k: v if k == "tokens" else v / count for k, v in aux.items()}
+    metrics = {**means, "loss": loss, "grad_norm": grad_norm, "lr": lr,
                "skipped": (~finite).astype(jnp.float32)}
     return new_state, metrics
 
@@ -225,7 +231,7 @@ def make_eval_step(model_cfg: ModelConfig, mesh: Mesh, loss_fn: losses.LossFn = 
   param_sh = params_lib.param_shardings(model_cfg, mesh)
 
   def eval_step(params, batch):
-    b, t = batch["inputs"].shape
+    b = batch["inputs"].shape[0]
     if b % grad_accum_steps:
       raise ConfigError(f"--batch_size={b} is not divisible by --grad_accum_steps={grad_accum_steps}; "
                         f"use a multiple of {grad_accum_steps}.")
