@@ -22,6 +22,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from llama_jax.parallel import sharding
+from llama_jax.model import cache as kv_cache
 from llama_jax.model.attention import MaskInfo, attention
 from llama_jax.config import ModelConfig, RopeScaling
 
@@ -100,11 +101,10 @@ class Attention(nn.Module):
   def __call__(self, x_BTD, positions_BT, mask: MaskInfo, cache=None):
     """(x_BTD, RoPE positions, mask description, cache) -> (out_BTD, cache).
 
-    `cache` is the slot for a KV cache (keys/values of earlier positions, whose row indices go in
-    `mask.kv_index_BS`); none is implemented yet, so it must be None and is returned unchanged.
+    `cache`: None, or this layer's (k_BSKH, v_BSKH) (llama_jax/model/cache.py). With a cache, the T new
+    tokens are the consecutive row indices `mask.q_index_BT`; their keys and values are written at those
+    slots and the queries attend to the whole cache (key index = slot).
     """
-    if cache is not None:
-      raise NotImplementedError("Attention: no KV cache is implemented yet; pass cache=None.")
     d, k, g, h = x_BTD.shape[-1], self.num_kv_heads, self.q_per_kv, self.head_dim
     p = lambda name, axes, shape, init: _param(self, name, axes, shape, init, self.param_dtype).astype(
         self.dtype)
@@ -127,7 +127,15 @@ class Attention(nn.Module):
     # then they are gathered whole along S (act_kv_seq is replicated) while the queries stay split along
     # T, so each context rank attends its chunks to the entire row.
     k_BSKH, v_BSKH = (nn.with_logical_constraint(x, kv_axes("act_kv_seq")) for x in (k_BSKH, v_BSKH))
-    out_BTKGH = attention(q_BTKGH, k_BSKH, v_BSKH, mask, self.impl, self.block_size)
+    impl = self.impl
+    if cache is not None:
+      k_BSKH, v_BSKH = (kv_cache.write(c_BSKH, new_BTKH, mask.q_index_BT[:, 0])
+                        for c_BSKH, new_BTKH in zip(cache, (k_BSKH, v_BSKH)))
+      cache = (k_BSKH, v_BSKH)
+      # The fused kernels mask by position in a row of T == S and take no offset: the einsum oracle (or
+      # blockwise, when asked for: long prompts) serves cached attention.
+      impl = "blockwise" if impl == "blockwise" else "einsum"
+    out_BTKGH = attention(q_BTKGH, k_BSKH, v_BSKH, mask, impl, self.block_size)
     return jnp.einsum("BTKGH,KGHD->BTD", out_BTKGH, wo_KGHD), cache
 
 
@@ -181,16 +189,23 @@ class Transformer(nn.Module):
   def __call__(self, tokens_BT: Int[Array, "B T"], positions_BT: Int[Array, "B T"] | None = None,
                segment_ids_BT: Int[Array, "B T"] | None = None, *,
                row_index_BT: Int[Array, "B T"] | None = None,
-               return_hidden: bool = False) -> Float[Array, "B T V"]:
+               return_hidden: bool = False, cache: kv_cache.Cache | None = None):
     """`row_index_BT`: each token's index in its row, for the causal mask (None: arange(T)); a batch in
-    the context-parallel layout (llama_jax/parallel/context.py) passes its tokens' original indices."""
+    the context-parallel layout (llama_jax/parallel/context.py) passes its tokens' original indices.
+
+    With a KV `cache` (llama_jax/model/cache.py; generation, llama_jax/inference/generate.py) the tokens
+    are row indices row_index_BT (consecutive per row; None: 0..T-1, a prefill) of one document each, and
+    the call returns (logits_BTV, the cache with them written)."""
     c = self.config
     b, t = tokens_BT.shape
     sharding.check_divisible(tokens_BT.shape, ("act_batch", "act_seq"))
+    if cache is not None and row_index_BT is None:
+      row_index_BT = jnp.broadcast_to(jnp.arange(t), (b, t))
     if positions_BT is None:
       positions_BT = jnp.broadcast_to(jnp.arange(t), (b, t)) if row_index_BT is None else row_index_BT
-    # A description; each attention derives its mask.
-    mask = MaskInfo.self_attention(segment_ids_BT, row_index_BT=row_index_BT)
+    # A description; each attention derives its mask. With a cache, the keys are its slots 0..S-1.
+    mask = (MaskInfo.self_attention(segment_ids_BT, row_index_BT=row_index_BT) if cache is None
+            else MaskInfo(q_index_BT=row_index_BT))
 
     # Unit-variance rows feed the pre-norm blocks; a tied table is also the output layer, where unit
     # rows would give logits of size sqrt(D): scale it to keep the initial loss near ln V.
@@ -205,8 +220,8 @@ class Transformer(nn.Module):
     x_BTD = nn.with_logical_constraint(x_BTD, ("act_batch", "act_seq", "act_embed"))
 
     # nn.scan's (carry, inputs) -> (carry, outputs) is Block's own signature: the activations are the
-    # carry; positions and the mask description are broadcast to every layer; the cache (one per layer,
-    # stacked on L; None today) is scanned over.
+    # carry; positions and the mask description are broadcast to every layer; the KV cache (one per
+    # layer, stacked on L) is scanned over.
     block = Block
     if c.remat_policy != "none":
       block = nn.remat(block, policy=_REMAT_POLICIES[c.remat_policy], prevent_cse=False)
@@ -215,7 +230,7 @@ class Transformer(nn.Module):
                      in_axes=(nn.broadcast, nn.broadcast, 0), length=c.num_layers,
                      unroll=1 if c.scan_layers else c.num_layers,
                      metadata_params={nn.PARTITION_NAME: "layers"})
-    x_BTD, _ = layers(c, name="layers")(x_BTD, positions_BT, mask, None)
+    x_BTD, cache = layers(c, name="layers")(x_BTD, positions_BT, mask, cache)
     x_BTD = RMSNorm(c.norm_eps, c.dtype, c.param_dtype, name="final_norm")(x_BTD)
     if return_hidden:
       return x_BTD
@@ -230,4 +245,5 @@ class Transformer(nn.Module):
                         c.param_dtype)
       logits_BTV = jnp.einsum("BTD,DV->BTV", x_BTD, w_out_DV.astype(c.dtype),
                               preferred_element_type=jnp.float32)
-    return nn.with_logical_constraint(logits_BTV, ("act_batch", "act_seq", "act_vocab"))
+    logits_BTV = nn.with_logical_constraint(logits_BTV, ("act_batch", "act_seq", "act_vocab"))
+    return logits_BTV if cache is None else (logits_BTV, cache)
