@@ -58,6 +58,9 @@ def generate_tokens(config: ModelConfig, params, prompts: list[list[int]], max_n
                       "--sample_tokens).")
   length = sample.check_prompts(config, prompts, max_new_tokens)
   rows = len(prompts)
+  if mesh is not None and mesh.shape["context"] > 1:
+    raise ConfigError(f"generation splits no sequence, but the mesh has --mesh_context="
+                      f"{mesh.shape['context']}; use --mesh_context=1.")
   if mesh is not None:  # a whole number of rows per data-parallel device; the extra rows are dropped
     n = mesh.shape["data"] * mesh.shape["fsdp"]
     prompts = list(prompts) + [prompts[-1]] * (-rows % n)
