@@ -131,3 +131,5 @@ def test_bad_settings_are_config_errors(params):
     G.generate(CFG, params, PROMPTS, CFG.max_seq_len)
   with pytest.raises(ConfigError, match="at least 1 token"):
     G.generate(CFG, params, PROMPTS, 0)
+  with pytest.raises(ConfigError, match="--mesh_context=2"):
+    G.generate(CFG, params, PROMPTS, NEW, mesh=sharding.make_mesh(fsdp=4, context=2))
