@@ -37,10 +37,10 @@ def generate(config: ModelConfig, params, prompts: list[list[int]], max_new_toke
              stop_ids: Sequence[int] = (), pad_id: int = 0, mesh: Mesh | None = None) -> list[list[int]]:
   """Continue each prompt by up to `max_new_tokens` tokens; returns the new tokens, up to (without) the
   first stop token. temperature 0 is greedy; top_k 0 and top_p 1 filter nothing."""
-  new_BN, _ = generate_tokens(config, params, prompts, max_new_tokens, temperature=temperature, top_k=top_k,
+  new_BE, _ = generate_tokens(config, params, prompts, max_new_tokens, temperature=temperature, top_k=top_k,
                               top_p=top_p, rng=rng, stop_ids=stop_ids, pad_id=pad_id, mesh=mesh)
   out = []
-  for row in new_BN.tolist():
+  for row in new_BE.tolist():
     cut = [i for i, t in enumerate(row) if t in stop_ids]
     out.append(row[: cut[0]] if cut else row)
   return out
@@ -50,8 +50,8 @@ def generate_tokens(config: ModelConfig, params, prompts: list[list[int]], max_n
                     temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                     rng: jax.Array | None = None, stop_ids: Sequence[int] = (), pad_id: int = 0,
                     mesh: Mesh | None = None) -> tuple[np.ndarray, int]:
-  """(new tokens [len(prompts), max_new_tokens], stop tokens included and `pad_id` after them; the number
-  of tokens the loop produced per row before every row was done)."""
+  """(new_BE: the new tokens [len(prompts), max_new_tokens], stop tokens included and `pad_id` after
+  them; the number of tokens the loop produced per row before every row was done)."""
   sample.check_sampling(temperature, top_k, top_p)
   if max_new_tokens < 1:
     raise ConfigError(f"max_new_tokens={max_new_tokens}: generate at least 1 token (--max_new_tokens, "
@@ -74,8 +74,8 @@ def generate_tokens(config: ModelConfig, params, prompts: list[list[int]], max_n
   context = (sharding.use(mesh, sharding.logical_rules(config, mesh)) if mesh is not None
              else contextlib.nullcontext())
   with context:
-    new_BN, steps = run(params, buf_BT, lens_B, rng)
-  return np.asarray(new_BN)[:rows], int(steps)
+    new_BE, steps = run(params, buf_BT, lens_B, rng)
+  return np.asarray(new_BE)[:rows], int(steps)
 
 
 @functools.lru_cache(maxsize=16)
@@ -93,31 +93,31 @@ def _program(config: ModelConfig, mesh: Mesh | None, max_new_tokens: int, length
                                     cache=cache)
     return logits_BTV[:, 0], cache
 
-  def emit(i, logits_BV, rng, done_B, new_BN):
+  def emit(i, logits_BV, rng, done_B, new_BE):
     rng, key = jax.random.split(rng)
     tokens_B = sample.next_token(key, logits_BV, temperature, top_k, top_p)
     tokens_B = jnp.where(done_B, pad_id, tokens_B)
-    new_BN = jax.lax.dynamic_update_slice_in_dim(new_BN, tokens_B[:, None], i, axis=1)
-    return tokens_B, rng, done_B | jnp.isin(tokens_B, jnp.asarray(stop_ids, jnp.int32)), new_BN
+    new_BE = jax.lax.dynamic_update_slice_in_dim(new_BE, tokens_B[:, None], i, axis=1)
+    return tokens_B, rng, done_B | jnp.isin(tokens_B, jnp.asarray(stop_ids, jnp.int32)), new_BE
 
   @jax.jit
   def run(params, prompt_BT, lens_B, rng):
     b = prompt_BT.shape[0]
     logits_BTV, cache = prefill(params, prompt_BT, kv_cache.init(config, b, length))
     logits_BV = jnp.take_along_axis(logits_BTV, (lens_B - 1)[:, None, None], axis=1)[:, 0]
-    new_BN = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
-    carry = emit(0, logits_BV, rng, jnp.zeros((b,), bool), new_BN)
+    new_BE = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
+    carry = emit(0, logits_BV, rng, jnp.zeros((b,), bool), new_BE)
 
     def unfinished(c):
       i, _, _, done_B, _, _ = c
       return (i < max_new_tokens) & ~jnp.all(done_B)
 
     def step(c):  # token i - 1 (at row index len + i - 1) in, token i out
-      i, tokens_B, rng, done_B, new_BN, cache = c
+      i, tokens_B, rng, done_B, new_BE, cache = c
       logits_BV, cache = decode(params, tokens_B, lens_B + i - 1, cache)
-      return (i + 1, *emit(i, logits_BV, rng, done_B, new_BN), cache)
+      return (i + 1, *emit(i, logits_BV, rng, done_B, new_BE), cache)
 
-    steps, _, _, _, new_BN, _ = jax.lax.while_loop(unfinished, step, (jnp.int32(1), *carry, cache))
-    return new_BN, steps
+    steps, _, _, _, new_BE, _ = jax.lax.while_loop(unfinished, step, (jnp.int32(1), *carry, cache))
+    return new_BE, steps
 
   return run

@@ -7,6 +7,7 @@ attention (8 KV heads), RoPE with theta 500,000 (and, from 3.1, the frequency sc
 Dimension key (Scaling Book letters; used in names, einsums and the sharding table):
   B batch   T query positions   S key/value positions   D model dim   F MLP hidden   V vocab
   N query heads   K kv heads   G = N // K query heads per kv head   H head dim   L layers
+  E tokens emitted by generation (llama_jax/inference/generate.py)
 
 Query head n reads KV head n // G (contiguous groups, as in Meta's and HF's `repeat_kv`), hence the
 explicit K×G split of the query projection. RoPE uses the HF "rotate half" layout; Meta's consolidated
@@ -193,9 +194,9 @@ class Transformer(nn.Module):
     """`row_index_BT`: each token's index in its row, for the causal mask (None: arange(T)); a batch in
     the context-parallel layout (llama_jax/parallel/context.py) passes its tokens' original indices.
 
-    With a KV `cache` (llama_jax/model/cache.py; generation, llama_jax/inference/generate.py) the tokens
-    are row indices row_index_BT (consecutive per row; None: 0..T-1, a prefill) of one document each, and
-    the call returns (logits_BTV, the cache with them written)."""
+    With a KV `cache` (llama_jax/model/cache.py; generation, llama_jax/inference/generate.py) the tokens sit
+    at row indices row_index_BT (consecutive in each row; None: 0..T-1, a prefill), one document per row,
+    and the call returns (logits_BTV, the cache with their keys and values written)."""
     c = self.config
     b, t = tokens_BT.shape
     sharding.check_divisible(tokens_BT.shape, ("act_batch", "act_seq"))

@@ -46,12 +46,15 @@ def test_prefill_and_decode_logits_equal_the_full_forward(params):
                             cache=cache)
     np.testing.assert_allclose(step_BTV[:, 0], full_BTV[:, t], atol=1e-5, rtol=0)
   # The cache holds exactly the 6 positions written; the rest are still zero.
-  assert np.all(np.asarray(cache[0])[:, :, 6:] == 0) and np.all(np.abs(np.asarray(cache[0])[:, :, :6]).sum(-1) > 0)
+  k_LBSKH = np.asarray(cache[0])
+  assert np.all(k_LBSKH[:, :, 6:] == 0) and np.all(np.abs(k_LBSKH[:, :, :6]).sum(-1) > 0)
 
 
-@pytest.mark.parametrize("scan_layers", [True, False], ids=["scan", "unrolled"])
-def test_cached_greedy_equals_cache_free(params, oracle_greedy, scan_layers):
-  cfg = dataclasses.replace(CFG, scan_layers=scan_layers)
+@pytest.mark.parametrize("over", [{}, dict(scan_layers=False), dict(attention_impl="blockwise",
+                                                                    attention_block_size=4)],
+                         ids=["scan", "unrolled", "blockwise"])
+def test_cached_greedy_equals_cache_free(params, oracle_greedy, over):
+  cfg = dataclasses.replace(CFG, **over)
   assert G.generate(cfg, params, PROMPTS, NEW) == oracle_greedy
 
 
@@ -78,8 +81,8 @@ def test_stop_tokens_end_each_row(params, oracle_greedy):
   # A stop set that ends every row early (each row's token at step 2..4), at its first stop token.
   stops = {oracle_greedy[0][3], oracle_greedy[1][2], oracle_greedy[2][4]}
   first = [min(i for i, t in enumerate(row) if t in stops) for row in oracle_greedy]
-  new_BN, steps = G.generate_tokens(CFG, params, PROMPTS, NEW, stop_ids=tuple(stops))
-  for row, ref, f in zip(new_BN.tolist(), oracle_greedy, first):
+  new_BE, steps = G.generate_tokens(CFG, params, PROMPTS, NEW, stop_ids=tuple(stops))
+  for row, ref, f in zip(new_BE.tolist(), oracle_greedy, first):
     assert row[: f + 1] == ref[: f + 1] and row[f + 1:] == [0] * (NEW - f - 1)  # then pad_id
   assert steps == max(first) + 1 < NEW  # the loop ended when the last row stopped
   assert G.generate(CFG, params, PROMPTS, NEW, stop_ids=tuple(stops)) == [
