@@ -7,6 +7,7 @@ attention (8 KV heads), RoPE with theta 500,000 (and, from 3.1, the frequency sc
 Dimension key (Scaling Book letters; used in names, einsums and the sharding table):
   B batch   T query positions   S key/value positions   D model dim   F MLP hidden   V vocab
   N query heads   K kv heads   G = N // K query heads per kv head   H head dim   L layers
+  E tokens emitted by generation (llama_jax/inference/generate.py)
 
 Query head n reads KV head n // G (contiguous groups, as in Meta's and HF's `repeat_kv`), hence the
 explicit K×G split of the query projection. RoPE uses the HF "rotate half" layout; Meta's consolidated
@@ -22,6 +23,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from llama_jax.parallel import sharding
+from llama_jax.model import cache as kv_cache
 from llama_jax.model.attention import MaskInfo, attention
 from llama_jax.config import ModelConfig, RopeScaling
 
@@ -100,11 +102,10 @@ class Attention(nn.Module):
   def __call__(self, x_BTD, positions_BT, mask: MaskInfo, cache=None):
     """(x_BTD, RoPE positions, mask description, cache) -> (out_BTD, cache).
 
-    `cache` is the slot for a KV cache (keys/values of earlier positions, whose row indices go in
-    `mask.kv_index_BS`); none is implemented yet, so it must be None and is returned unchanged.
+    `cache`: None, or this layer's (k_BSKH, v_BSKH) (llama_jax/model/cache.py). With a cache, the T new
+    tokens are the consecutive row indices `mask.q_index_BT`; their keys and values are written at those
+    slots and the queries attend to the whole cache (key index = slot).
     """
-    if cache is not None:
-      raise NotImplementedError("Attention: no KV cache is implemented yet; pass cache=None.")
     d, k, g, h = x_BTD.shape[-1], self.num_kv_heads, self.q_per_kv, self.head_dim
     p = lambda name, axes, shape, init: _param(self, name, axes, shape, init, self.param_dtype).astype(
         self.dtype)
@@ -127,7 +128,15 @@ class Attention(nn.Module):
     # then they are gathered whole along S (act_kv_seq is replicated) while the queries stay split along
     # T, so each context rank attends its chunks to the entire row.
     k_BSKH, v_BSKH = (nn.with_logical_constraint(x, kv_axes("act_kv_seq")) for x in (k_BSKH, v_BSKH))
-    out_BTKGH = attention(q_BTKGH, k_BSKH, v_BSKH, mask, self.impl, self.block_size)
+    impl = self.impl
+    if cache is not None:
+      k_BSKH, v_BSKH = (kv_cache.write(c_BSKH, new_BTKH, mask.q_index_BT[:, 0])
+                        for c_BSKH, new_BTKH in zip(cache, (k_BSKH, v_BSKH)))
+      cache = (k_BSKH, v_BSKH)
+      # The fused kernels mask by position in a row of T == S and take no offset: the einsum oracle (or
+      # blockwise, when asked for: long prompts) serves cached attention.
+      impl = "blockwise" if impl == "blockwise" else "einsum"
+    out_BTKGH = attention(q_BTKGH, k_BSKH, v_BSKH, mask, impl, self.block_size)
     return jnp.einsum("BTKGH,KGHD->BTD", out_BTKGH, wo_KGHD), cache
 
 
@@ -182,21 +191,27 @@ class Transformer(nn.Module):
                segment_ids_BT: Int[Array, "B T"] | None = None, *,
                row_index_BT: Int[Array, "B T"] | None = None,
                last_index_B: Int[Array, "B"] | None = None,
-               return_hidden: bool = False,
-               ) -> Float[Array, "B T V"] | Float[Array, "B T D"] | Float[Array, "B"]:
+               return_hidden: bool = False, cache: kv_cache.Cache | None = None):
     """Logits [B, T, V] in fp32, or with `return_hidden` the final-normed hidden states [B, T, D] (the
     input of `output_logits`; an init with it creates no lm_head), or with `config.head == "reward"` one
     fp32 reward per row, read at `last_index_B` (the row's last real token; None: T - 1).
 
     `row_index_BT`: each token's index in its row, for the causal mask (None: arange(T)); a batch in
-    the context-parallel layout (llama_jax/parallel/context.py) passes its tokens' original indices."""
+    the context-parallel layout (llama_jax/parallel/context.py) passes its tokens' original indices.
+
+    With a KV `cache` (llama_jax/model/cache.py; generation, llama_jax/inference/generate.py) the tokens sit
+    at row indices row_index_BT (consecutive in each row; None: 0..T-1, a prefill), one document per row,
+    and the call returns (logits_BTV, the cache with their keys and values written)."""
     c = self.config
     b, t = tokens_BT.shape
     sharding.check_divisible(tokens_BT.shape, ("act_batch", "act_seq"))
+    if cache is not None and row_index_BT is None:
+      row_index_BT = jnp.broadcast_to(jnp.arange(t), (b, t))
     if positions_BT is None:
       positions_BT = jnp.broadcast_to(jnp.arange(t), (b, t)) if row_index_BT is None else row_index_BT
-    # A description; each attention derives its mask.
-    mask = MaskInfo.self_attention(segment_ids_BT, row_index_BT=row_index_BT)
+    # A description; each attention derives its mask. With a cache, the keys are its slots 0..S-1.
+    mask = (MaskInfo.self_attention(segment_ids_BT, row_index_BT=row_index_BT) if cache is None
+            else MaskInfo(q_index_BT=row_index_BT))
 
     # Unit-variance rows feed the pre-norm blocks; a tied table is also the output layer, where unit
     # rows would give logits of size sqrt(D): scale it to keep the initial loss near ln V.
@@ -211,8 +226,8 @@ class Transformer(nn.Module):
     x_BTD = nn.with_logical_constraint(x_BTD, ("act_batch", "act_seq", "act_embed"))
 
     # nn.scan's (carry, inputs) -> (carry, outputs) is Block's own signature: the activations are the
-    # carry; positions and the mask description are broadcast to every layer; the cache (one per layer,
-    # stacked on L; None today) is scanned over.
+    # carry; positions and the mask description are broadcast to every layer; the KV cache (one per
+    # layer, stacked on L) is scanned over.
     block = Block
     if c.remat_policy != "none":
       block = nn.remat(block, policy=_REMAT_POLICIES[c.remat_policy], prevent_cse=False)
@@ -221,7 +236,7 @@ class Transformer(nn.Module):
                      in_axes=(nn.broadcast, nn.broadcast, 0), length=c.num_layers,
                      unroll=1 if c.scan_layers else c.num_layers,
                      metadata_params={nn.PARTITION_NAME: "layers"})
-    x_BTD, _ = layers(c, name="layers")(x_BTD, positions_BT, mask, None)
+    x_BTD, cache = layers(c, name="layers")(x_BTD, positions_BT, mask, cache)
     x_BTD = RMSNorm(c.norm_eps, c.dtype, c.param_dtype, name="final_norm")(x_BTD)
     if return_hidden:  # the chunked loss (training/losses.py) applies the output layer itself
       return x_BTD
@@ -232,7 +247,8 @@ class Transformer(nn.Module):
     else:
       w_out = _param(self, "lm_head", ("embed", "vocab"), (c.dim, c.vocab_size), _dense_init(0, 1),
                      c.param_dtype)
-    return output_logits(x_BTD, w_out, c)
+    logits_BTV = output_logits(x_BTD, w_out, c)
+    return logits_BTV if cache is None else (logits_BTV, cache)
 
 
 def output_weight(params, config: ModelConfig) -> Float[Array, "V D"] | Float[Array, "D V"]:

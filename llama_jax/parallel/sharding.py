@@ -11,6 +11,8 @@ Model code names logical axes only; this table maps them onto the named device m
   activations x[B_(data,fsdp), T_context, D]   h[B_(data,fsdp), T_context, F_tensor]
               logits[B_(data,fsdp), T_context, V_tensor]
               q[B_(data,fsdp), T_context, K_tensor, G, H]   k, v[B_(data,fsdp), S, K_tensor, H]
+  KV cache    k, v[L, B_(data,fsdp), S, K_tensor, H]  (as the layer's k, v: a decode step needs no
+              communication beyond the model's own; S whole, each step writes one slot of every row)
 
 FSDP shards parameters over `fsdp` and the batch over (data, fsdp); XLA all-gathers weights per
 layer inside the scan and reduce-scatters their gradients. `context` splits the sequence (size 1
@@ -67,7 +69,13 @@ def logical_rules(config: ModelConfig, mesh: Mesh | None = None) -> Rules:
       ("act_head_dim", None),
       ("act_vocab", "tensor"),
   )
-  return params + activations
+  kv_cache = (
+      ("cache_batch", BATCH_AXES),
+      ("cache_seq", None),
+      ("cache_kv_heads", heads),
+      ("cache_head_dim", None),
+  )
+  return params + activations + kv_cache
 
 
 def _slices(devices: Sequence[Any]) -> int:

@@ -26,7 +26,7 @@ from llama_jax.data import corpus, pipeline as data, stream as stream_lib
 from llama_jax.data import tokenizers as tokenizer_lib
 from llama_jax.errors import ConfigError
 from llama_jax.evals import heldout
-from llama_jax.inference import sample
+from llama_jax.inference import generate
 from llama_jax.interop import init_from
 from llama_jax.parallel import batching, context, sharding
 from llama_jax.training import checkpoint, flops, loop, metrics as metrics_lib, preemption as preemption_lib
@@ -394,11 +394,29 @@ def _train(run, ckpt, model_cfg, mesh, stages, stage_of, train_iterator, eval_ds
     reporting.plot_losses(log.history, run_dir / "loss.png")
     print(f"loss curves: {run_dir / 'loss.png'}", flush=True)
     if run.sample_prompts and nproc == 1:
-      prompts = [tok.encode(p, bos=True) for p in run.sample_prompts]
-      outs = sample.generate(model_cfg, jax.device_get(state.params), prompts, run.sample_tokens,
-                             stop_id=tok.eos_id)
-      for p, o in zip(run.sample_prompts, outs):
-        text = (p + tok.decode(o)).replace("\n", "\n    | ")
-        print(f"sample (greedy, {run.sample_tokens} tokens):\n    | {text}", flush=True)
+      _print_samples(run, model_cfg, state.params, tok, mesh)
   log.close()
   return result
+
+
+# The closing samples. Greedy decoding of a small, briefly trained model falls into loops ("ROMEO." then
+# blank lines, "0x0x0x..."): the argmax of a flat distribution feeds itself. Nucleus sampling (Holtzman et
+# al. 2019) draws from the smallest set holding 90% of the probability, which drops the long tail of
+# junk tokens such a model still spreads mass over; a temperature of 0.8 sharpens what is left a little,
+# for text that reads as what the model learned rather than noise. The seed is the run's, so a rerun
+# prints the same samples. The greedy line stays: deterministic, comparable from run to run.
+SAMPLE_TEMPERATURE, SAMPLE_TOP_P = 0.8, 0.9
+
+
+def _print_samples(run: RunConfig, model_cfg: ModelConfig, params, tok, mesh) -> None:
+  prompts = [tok.encode(p, bos=True) for p in run.sample_prompts]
+  if mesh.shape["context"] > 1:  # generation splits no sequence: one device, as before the cache
+    params, mesh = jax.device_get(params), None
+  settings = {f"top_p {SAMPLE_TOP_P}, temperature {SAMPLE_TEMPERATURE}, seed {run.seed}": dict(
+      temperature=SAMPLE_TEMPERATURE, top_p=SAMPLE_TOP_P, rng=jax.random.key(run.seed)), "greedy": {}}
+  outs = {name: generate.generate(model_cfg, params, prompts, run.sample_tokens, stop_ids=(tok.eos_id,),
+                                  mesh=mesh, **kw) for name, kw in settings.items()}
+  for i, p in enumerate(run.sample_prompts):
+    for name in settings:
+      text = (p + tok.decode(outs[name][i])).replace("\n", "\n    | ")
+      print(f"sample ({name}, {run.sample_tokens} tokens):\n    | {text}", flush=True)

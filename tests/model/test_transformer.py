@@ -290,8 +290,8 @@ def test_attention_derives_its_mask_from_the_description(impl):
 
 
 def test_block_passes_the_cache_slot_through(params):
-  """Block and Attention take and return a cache beside the activations; None passes through (no cache
-  is implemented yet) and anything else is refused clearly."""
+  """Block and Attention take and return a cache beside the activations: None passes through; a KV
+  cache (llama_jax/model/cache.py) comes back with the block's keys/values written, the output unchanged."""
   from llama_jax.model.attention import MaskInfo
   from llama_jax.model.transformer import Block
 
@@ -300,5 +300,8 @@ def test_block_passes_the_cache_slot_through(params):
   pos = jnp.broadcast_to(jnp.arange(T), (B, T))
   out, cache = Block(CFG).apply({"params": layer0}, x, pos, MaskInfo.self_attention(), None)
   assert cache is None and out.shape == x.shape
-  with pytest.raises(NotImplementedError, match="no KV cache is implemented yet; pass cache=None"):
-    Block(CFG).apply({"params": layer0}, x, pos, MaskInfo.self_attention(), {"k": x})
+  empty = jnp.zeros((B, T + 3, CFG.num_kv_heads, CFG.head_dim), jnp.float32)
+  cached, (k, v) = Block(CFG).apply({"params": layer0}, x, pos, MaskInfo(q_index_BT=pos), (empty, empty))
+  np.testing.assert_allclose(cached, out, atol=1e-5, rtol=0)
+  for c in (k, v):
+    assert c.shape == empty.shape and np.all(np.asarray(c)[:, T:] == 0) and np.all(np.asarray(c)[:, :T] != 0)

@@ -73,6 +73,7 @@ def test_default_run_prints_progress_and_learns(uninterrupted):
   losses, out, _ = uninterrupted
   assert "step     40/40 | loss" in out and "tok/s" in out and "MFU" in out and "ETA" in out
   assert "vs unigram entropy of the same tokens" in out and "sample (greedy" in out
+  assert "sample (top_p 0.9, temperature 0.8, seed 0, 8 tokens)" in out
   assert np.mean([losses[s] for s in range(31, 41)]) < np.mean([losses[s] for s in range(1, 11)]) - 0.5
 
 
@@ -93,6 +94,19 @@ def test_exact_resume(text_data, uninterrupted, tmp_path, sig):
   # Bitwise: same params, optimizer, RNG and data position as the run that was never interrupted.
   assert [resumed[s] for s in range(stopped_at + 1, STEPS + 1)] == [
       ref[s] for s in range(stopped_at + 1, STEPS + 1)]
+
+
+def test_generate_script_continues_as_the_run_sampled(uninterrupted):
+  """experiments/generate.py on the run's latest checkpoint prints the run's own closing samples."""
+  _, out, run_dir = uninterrupted
+  script = [sys.executable, os.path.join(ROOT, "experiments/generate.py"), f"--run_dir={run_dir}",
+            "--max_new_tokens=8"]
+  for flags, name in (([], "top_p 0.9, temperature 0.8, seed 0"), (["--temperature=0"], "greedy")):
+    printed = _run(script + flags)
+    for prompt in ("ROMEO.", "def "):
+      sampled = out.split(f"sample ({name}, 8 tokens):\n    | {prompt}")[1].split("\nsample (")[0]
+      sampled = sampled.split("\nloss curves")[0].replace("\n    | ", "\n").rstrip("\n")
+      assert f"--- {prompt!r}" in printed and f"\n{prompt}{sampled}\n" in printed + "\n", (sampled, printed)
 
 
 # ----------------------------------------------------------------------------- bad input
