@@ -83,7 +83,8 @@ def test_average_of_a_run_equals_the_float64_mean_and_loads_as_init_from(run, tm
   _assert_mean(_load(tmp_path / "avg", mesh), host, [0, 1, 2])
   # The in-memory average (a run's latest params, continued.latest_params) streams the same way.
   mem = averaging.average_params(CFG, sources, mesh, "--run_dir")
-  for a, b in zip(jax.tree.leaves(jax.device_get(mem)), jax.tree.leaves(jax.device_get(_load(tmp_path / "avg", mesh)))):
+  saved = jax.device_get(_load(tmp_path / "avg", mesh))
+  for a, b in zip(jax.tree.leaves(jax.device_get(mem)), jax.tree.leaves(saved)):
     np.testing.assert_array_equal(a, b)
 
 
