@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 
 from llama_jax.errors import ConfigError
 from llama_jax.interop import orbax as orbax_params
@@ -74,8 +75,9 @@ def anneal(cfg: AnnealConfig) -> dict:
   config, sources = averaging.run_sources(run.run_dir)
   sources = sources[-cfg.average_last:] if cfg.average_last else sources
   avg_dir = os.path.join(root, "average")
-  if not os.path.exists(os.path.join(avg_dir, orbax_params.CONFIG_FILE)):
-    orbax_params.save_params(avg_dir, averaging.average_params(config, sources, mesh, "--root_dir"), config)
+  if not os.path.exists(os.path.join(avg_dir, orbax_params.CONFIG_FILE)):  # else written before a restart
+    shutil.rmtree(avg_dir, ignore_errors=True)  # an average cut short: streamed again from the start
+    averaging.write_average(avg_dir, config, sources, mesh, "--root_dir")
   short = dict(batch_size=run.batch_size, seq_len=run.seq_len, batches=run.eval_batches,
                restart_positions=run.restart_positions, cache_dir=os.path.join(run.data_dir, "tokens"))
   losses = {}
