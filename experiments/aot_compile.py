@@ -37,6 +37,7 @@ _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtyp
 _REMAT = flags.DEFINE_enum("remat_policy", None, list(config_lib.RematPolicy.__args__), "Rematerialization.")
 _ATTN = flags.DEFINE_enum("attention_impl", None, list(config_lib.AttentionImpl.__args__), "Attention.")
 _ACCUM = flags.DEFINE_integer("grad_accum_steps", None, "Microbatches per optimizer step.")
+_DUMP = flags.DEFINE_string("dump_hlo", None, "Write the compiled (optimized) HLO text to this file.")
 
 
 def settings():
@@ -74,8 +75,12 @@ def main(argv):
           f"{devices[0].device_kind if devices else 'fake CPU devices'} | batch {batch}x{seq_len} "
           f"({batch // dp} per chip), grad_accum {opt.grad_accum_steps}", flush=True)
     compiled, seconds = aot.compile_train_step(model, opt, mesh, batch, seq_len)
+    if _DUMP.value:
+      with open(_DUMP.value, "w") as f:
+        f.write(compiled.as_text())
     report = aot.measure(compiled, model, opt, mesh, batch, seq_len, seconds)
-    print(aot.format_report(report, aot.expected(model, opt, mesh, batch, seq_len), target.hbm_bytes,
+    wire = model.dtype if devices else None  # TPU gathers and reduces in the compute dtype
+    print(aot.format_report(report, aot.expected(model, opt, mesh, batch, seq_len, wire), target.hbm_bytes,
                             target.name))
   except ConfigError as e:
     sys.exit(f"error: {e}")

@@ -55,7 +55,7 @@ class Target:
 
 
 TARGETS: dict[str, Target] = {t.name: t for t in (
-    Target("tpu-v5p", 95 * 10**9, "v5p"),
+    Target("tpu-v5p", int(95.74 * GiB), "v5p"),  # what libtpu's compiler reports as available
     Target("tpu-v6e", 32 * 10**9, "v6e"),
     Target("tpu-v5e", 16 * 10**9, "v5e"),
     Target("h100", 80 * 10**9),
@@ -140,7 +140,14 @@ def compile_train_step(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, mesh: M
   step = train.make_train_step(model_cfg, opt_cfg, mesh)
   t0 = time.perf_counter()
   with sharding.use(mesh, sharding.logical_rules(model_cfg, mesh)):
-    compiled = step.jitted.lower(state, batch).compile()
+    lowered = step.jitted.lower(state, batch)
+    try:
+      compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:  # a TPU compile refuses a program larger than HBM
+      if "RESOURCE_EXHAUSTED" not in str(e):
+        raise
+      raise ConfigError(f"does not fit: {str(e).splitlines()[0]}; lower --batch_per_chip, or use "
+                        "--remat_policy=full, --attention_impl=blockwise or a larger --mesh fsdp.") from e
   return compiled, time.perf_counter() - t0
 
 
@@ -156,6 +163,8 @@ _INSTR = re.compile(r"^\s*(?:ROOT )?%?[\w.\-]+ = (.*?) ([a-z][a-z\-]*)\((.*)$")
 _CALLS = re.compile(r"\b(?:body|calls|to_apply|condition|true_computation|false_computation)=%?([\w.\-]+)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+_COND = re.compile(r"condition=%?([\w.\-]+)")
+_S32_CONST = re.compile(r"= s32\[\]\S* constant\((\d+)\)")
 _GROUPS_IOTA = re.compile(r"replica_groups=\[(\d+),(\d+)\]")
 _GROUPS_LIST = re.compile(r"replica_groups=\{\{([\d,]*)\}")
 _GROUPS_MESH = re.compile(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}")
@@ -224,11 +233,21 @@ def _parse_module(hlo_text: str) -> _Module:
       comps[current].append(line)
   if entry is None:
     raise ValueError("no ENTRY computation in the HLO text")
+  def trip_count(line: str) -> int:
+    if m := _TRIP.search(line):  # CPU and GPU annotate it
+      return int(m.group(1))
+    # TPU does not: read `i < N` off the condition (the scan counts from 0 in steps of 1).
+    cond = comps.get(m.group(1), []) if (m := _COND.search(line)) else []
+    consts = [int(c) for l in cond for c in _S32_CONST.findall(l)]
+    if len(consts) == 1 and any("direction=LT" in l for l in cond):
+      return consts[0]
+    return 1
+
   callers: dict[str, list[tuple[str, int]]] = {}
   for name, lines in comps.items():
     for line in lines:
-      trip = int(m.group(1)) if (m := _TRIP.search(line)) else 1
       is_while = " while(" in line
+      trip = trip_count(line) if is_while else 1
       for m in _CALLS.finditer(line):
         body = line[m.start():].startswith("body=")
         callers.setdefault(m.group(1), []).append((name, trip if is_while and body else 1))
@@ -376,15 +395,20 @@ class Expected:
 
 
 def expected(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, mesh: Mesh, batch_size: int,
-             seq_len: int) -> Expected:
+             seq_len: int, wire_dtype: str | None = None) -> Expected:
+  """`wire_dtype`: the dtype weights and gradients cross the links in (default param_dtype). XLA on TPU
+  casts an fp32 weight shard to the compute dtype before gathering it, and reduces the gradients in
+  it: pass model_cfg.dtype there."""
   f, t = mesh.shape["fsdp"], mesh.shape["tensor"]
   dp, cp = mesh.shape["data"] * f, mesh.shape["context"]
+  n = model_cfg.param_count()
   itemsize = jnp.dtype(model_cfg.param_dtype).itemsize
-  p = model_cfg.param_count() * itemsize
-  embed = model_cfg.vocab_size * model_cfg.dim * itemsize
+  wire = jnp.dtype(wire_dtype or model_cfg.param_dtype).itemsize
+  p = n * itemsize
+  embed = model_cfg.vocab_size * model_cfg.dim * wire
   a = opt_cfg.grad_accum_steps
-  gathered = (2 * p - (0 if model_cfg.tie_embeddings else embed)) / t if f > 1 else 0.0
-  reduced = p / t if dp > 1 else 0.0
+  gathered = (2 * n * wire - (0 if model_cfg.tie_embeddings else embed)) / t if f > 1 else 0.0
+  reduced = n * wire / t if dp > 1 else 0.0
   per_layer = 6 if model_cfg.remat_policy != "none" else 4
   act = (batch_size // (dp * a)) * (seq_len // cp) * model_cfg.dim * jnp.dtype(model_cfg.dtype).itemsize
   tensor_ar = per_layer * model_cfg.num_layers * act * a if t > 1 else 0.0
