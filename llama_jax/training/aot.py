@@ -164,7 +164,7 @@ _CALLS = re.compile(r"\b(?:body|calls|to_apply|condition|true_computation|false_
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 _COND = re.compile(r"condition=%?([\w.\-]+)")
-_S32_CONST = re.compile(r"= s32\[\]\S* constant\((\d+)\)")
+_S32_CONST = re.compile(r"= [su]32\[\]\S* constant\((\d+)\)")
 _GROUPS_IOTA = re.compile(r"replica_groups=\[(\d+),(\d+)\]")
 _GROUPS_LIST = re.compile(r"replica_groups=\{\{([\d,]*)\}")
 _GROUPS_MESH = re.compile(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}")
@@ -179,7 +179,13 @@ def _array_bytes(shape_text: str) -> list[int]:
   return out
 
 
+def _scalars(shape_text: str) -> list[bool]:
+  return [dims == "" for dtype, dims in _ARRAY.findall(shape_text) if dtype in _DTYPE_BYTES]
+
+
 def _group_size(line: str, n_devices: int) -> int:
+  if "source_target_pairs=" in line:  # collective-permute: each device sends to one peer
+    return 2
   if m := _GROUPS_IOTA.search(line):
     return int(m.group(2))
   if m := _GROUPS_LIST.search(line):
@@ -282,7 +288,9 @@ def parse_collectives(hlo_text: str, n_devices: int) -> list[Collective]:
         continue
       sizes = _array_bytes(shape)
       if op.endswith("-start") and kind in ("all-gather", "collective-permute") and len(sizes) > 1:
-        sizes = sizes[len(sizes) // 2:]  # (operands..., results...): the results
+        # (operands..., results..., u32[] contexts...): the results
+        sizes = [b for b, scalar in zip(sizes, _scalars(shape)) if not scalar]
+        sizes = sizes[len(sizes) // 2:]
       group = _group_size(line, n_devices)
       b = sum(sizes) * (group if kind == "reduce-scatter" else 1)  # reduce-scatter: its operand
       if module.runs[name]:
