@@ -502,6 +502,8 @@ class Fit:
   attention_impl: str = "blockwise"
 
 
+# 405B has no row on v6e: its fp32 params, grads and AdamW moments (16 bytes per param) take 25.4 GB of
+# a v6e-256 chip's 32 GB before any activation, and make_mesh keeps FSDP inside one slice.
 FIT_TABLE: tuple[Fit, ...] = (
     Fit("llama3.1-8b", "tpu-v5p", 8, "fsdp=8", 4, 4096, "dots_with_no_batch_dims_saveable"),
     Fit("llama3.1-8b", "tpu-v6e", 8, "fsdp=8", 2, 4096, "full"),
@@ -510,6 +512,5 @@ FIT_TABLE: tuple[Fit, ...] = (
     Fit("llama3.1-70b", "tpu-v6e", 64, "fsdp=64", 1, 4096, "full"),
     Fit("llama3.1-70b", "h100", 64, "fsdp=64", 1, 4096, "full"),
     Fit("llama3.1-405b", "tpu-v5p", 256, "fsdp=256", 1, 4096, "full"),
-    Fit("llama3.1-405b", "tpu-v6e", 256, "fsdp=64,tensor=4", 1, 4096, "full"),
     Fit("llama3.1-405b", "h100", 256, "fsdp=32,tensor=8", 1, 4096, "full"),
 )
