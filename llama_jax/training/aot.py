@@ -30,11 +30,10 @@ import dataclasses
 import math
 import re
 import time
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh
 
 from llama_jax.config import ModelConfig
