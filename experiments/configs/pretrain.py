@@ -38,12 +38,19 @@ CONFIGS = {
         log_every=50, eval_every=200, eval_batches=16, checkpoint_every=200),
     # The paper's 8B recipe (§3.4): 4M-token batches of 4,096 tokens, peak LR 3e-4, warmup 8,000.
     # Needs a pod and --train_files/--tokenizer pointing at real data and Meta's tokenizer.
+    # Saving only the projections' outputs and attending blockwise keeps no [B,K,G,T,S] score matrix
+    # for the backward: a v5p compile (experiments/aot_compile.py) at 4 rows per chip needs 64 GiB, where
+    # dots_saveable with einsum attention needed 320 GiB of temporaries (tests/training/test_aot.py).
     "llama3.1-8b": RunConfig(
-        model=dataclasses.replace(config.LLAMA31_8B, dtype="bfloat16", remat_policy="dots_saveable"),
+        model=dataclasses.replace(config.LLAMA31_8B, dtype="bfloat16",
+                                  remat_policy="dots_with_no_batch_dims_saveable", attention_impl="blockwise"),
         optim=optim.LLAMA3_8B_OPT, run_dir="runs/llama3.1-8b", steps=1_200_000, batch_size=1024,
         seq_len=4096, log_every=10, eval_every=1000, checkpoint_every=1000, sample_prompts=()),
+    # Blockwise attention: einsum attention holds each layer's [B,K,G,T,S] fp32 scores while it runs
+    # (CPU compile at 1 row per chip on 1,024 chips: 95.0 GiB per device with einsum, 79.5 GiB blockwise).
     "llama3.1-405b": RunConfig(
-        model=dataclasses.replace(config.LLAMA31_405B, dtype="bfloat16", remat_policy="full"),
+        model=dataclasses.replace(config.LLAMA31_405B, dtype="bfloat16", remat_policy="full",
+                                  attention_impl="blockwise"),
         optim=optim.LLAMA3_405B_OPT, run_dir="runs/llama3.1-405b", steps=1_200_000, batch_size=1024,
         seq_len=4096, log_every=10, eval_every=1000, checkpoint_every=500, sample_prompts=()),
 }
