@@ -1,0 +1,132 @@
+"""Rejection sampling: the kept response is the argmax of the reward model run on each sample alone; the
+output depends on the seed only (not on batch_size); the JSONL is SFT data read_sft reads back. A tiny random
+policy and reward model; a SentencePiece tokenizer with the Llama 3 chat tokens (trained in a fixture)."""
+
+import dataclasses
+import json
+import os
+import sysconfig
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llama_jax import config as C
+from llama_jax.data import chat, posttrain, tokenizers as tk
+from llama_jax.errors import ConfigError
+from llama_jax.inference import generate
+from llama_jax.model import factory, params as P
+from llama_jax.parallel import sharding
+from llama_jax.training import rejection as R
+
+PROMPTS = [[{"role": "user", "content": "why is the sky blue?"}],
+           [{"role": "system", "content": "Answer in one line."}, {"role": "user", "content": "name a prime"}],
+           [{"role": "user", "content": "hi"}]]
+K = 4
+SETTINGS = dict(k=K, temperature=1.0, top_p=0.95, max_new_tokens=8, seed=3)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  src = os.path.join(sysconfig.get_paths()["stdlib"], "argparse.py")
+  tok = tk.train_sentencepiece([src], str(tmp_path_factory.mktemp("spm") / "m"), 384, chat_tokens=True)
+  policy_cfg = dataclasses.replace(C.TINY, vocab_size=tok.vocab_size)
+  reward_cfg = dataclasses.replace(policy_cfg, head="reward")
+  mesh = sharding.make_mesh(fsdp=1, devices=jax.devices()[:1])
+  policy = P.init_params(policy_cfg, mesh, jax.random.key(0))
+  reward = P.init_params(reward_cfg, mesh, jax.random.key(1))
+  return tok, policy_cfg, policy, reward_cfg, reward
+
+
+@pytest.fixture(scope="module")
+def records(setup):
+  tok, policy_cfg, policy, reward_cfg, reward = setup
+  return R.rejection_sample(policy_cfg, policy, reward_cfg, reward, tok, PROMPTS, batch_size=5,
+                            keep_samples=True, **SETTINGS)
+
+
+def test_keeps_the_argmax_of_the_reward_model_on_each_sample_alone(setup, records):
+  tok, policy_cfg, policy, reward_cfg, reward = setup
+  fmt = chat.ChatFormat.llama3(tok)
+  score = jax.jit(factory.make_model(reward_cfg).apply)
+  for prompt, rec in zip(PROMPTS, records):
+    assert len(rec["samples"]) == len(rec["scores"]) == K
+    # The reference: each prompt + sample rendered and scored alone (one row, right-padded to 128 tokens, no
+    # segment ids: causality hides the padding) at its last token.
+    ref = []
+    for text in rec["samples"]:
+      ids = chat.render(tok, fmt, prompt + [{"role": "assistant", "content": text}]).ids
+      assert ids[-1] == fmt.end_id  # the reward is read at <|eot_id|>
+      row = np.zeros((1, 128), np.int32)
+      row[0, :len(ids)] = ids
+      ref.append(float(score({"params": reward}, row, last_index_B=jnp.asarray([len(ids) - 1]))[0]))
+    np.testing.assert_allclose(rec["scores"], ref, atol=1e-5, rtol=0)
+    best = int(np.argmax(ref))
+    assert rec["messages"] == prompt + [{"role": "assistant", "content": rec["samples"][best]}]
+    assert rec["score"] == rec["scores"][best] == max(rec["scores"])
+  # One dialog unpadded (the reward read at T - 1): the padding changes nothing.
+  ids = chat.render(tok, fmt, records[0]["messages"]).ids
+  np.testing.assert_allclose(score({"params": reward}, jnp.asarray(ids)[None])[0], records[0]["score"],
+                             atol=1e-5, rtol=0)
+  assert len({s for r in records for s in r["samples"]}) > K  # it sampled: the texts differ
+  # Sample j of prompt i is the prompt generated alone with key fold_in(fold_in(key(seed), i), j).
+  i, j = 1, 2
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.key(SETTINGS["seed"]), i), j)
+  fmt_ids = chat.render(tok, fmt, PROMPTS[i], add_generation_prompt=True).ids.tolist()
+  new = generate.generate(policy_cfg, policy, [fmt_ids], 8, temperature=1.0, top_p=0.95, rng=key[None],
+                          stop_ids=(tok.eos_id, fmt.eom_id, fmt.end_id), pad_id=tok.pad_id)[0]
+  assert records[i]["samples"][j] == tok.decode(new)
+
+
+def test_same_seed_same_output_whatever_the_batch_size(setup, records):
+  tok, policy_cfg, policy, reward_cfg, reward = setup
+  again = R.rejection_sample(policy_cfg, policy, reward_cfg, reward, tok, PROMPTS, batch_size=12,
+                             keep_samples=True, **SETTINGS)
+  for a, b in zip(records, again):
+    assert a["samples"] == b["samples"] and a["messages"] == b["messages"]
+    np.testing.assert_allclose(a["scores"], b["scores"], atol=1e-5, rtol=0)
+  other = R.rejection_sample(policy_cfg, policy, reward_cfg, reward, tok, PROMPTS, batch_size=12,
+                             keep_samples=True, **{**SETTINGS, "seed": 4})
+  assert [r["samples"] for r in other] != [r["samples"] for r in records]
+
+
+def test_jsonl_round_trips_through_read_sft(setup, records, tmp_path):
+  tok = setup[0]
+  fmt = chat.ChatFormat.llama3(tok)
+  empty = {**records[0], "messages": PROMPTS[0] + [{"role": "assistant", "content": " "}]}
+  path = str(tmp_path / "out" / "rs.jsonl")
+  assert R.write_jsonl(list(records) + [empty], path) == 1  # an empty best is left out: read_sft refuses it
+  dialogs, _ = posttrain.read_sft(path, tok, fmt, seq_len=256)
+  assert len(dialogs) == len(records)
+  for d, rec in zip(dialogs, records):
+    np.testing.assert_array_equal(d.ids, chat.render(tok, fmt, rec["messages"]).ids)
+  with open(path) as f:
+    assert [json.loads(line)["scores"] for line in f] == [r["scores"] for r in records]
+
+
+def test_k1_keeps_the_single_sample(setup, records):
+  tok, policy_cfg, policy, reward_cfg, reward = setup
+  one = R.rejection_sample(policy_cfg, policy, reward_cfg, reward, tok, PROMPTS, batch_size=5,
+                           keep_samples=True, **{**SETTINGS, "k": 1})
+  for rec, full in zip(one, records):
+    assert len(rec["scores"]) == 1 and rec["messages"][-1]["content"] == rec["samples"][0]
+    assert rec["score"] == rec["scores"][0]
+  assert one[0]["samples"][0] == records[0]["samples"][0]  # sample 0 of prompt 0: the same key
+
+
+def test_errors_name_the_fix(setup, tmp_path):
+  tok, policy_cfg, policy, reward_cfg, reward = setup
+  with pytest.raises(ConfigError, match="reward model's ModelConfig.head is 'lm'; give a reward model"):
+    R.rejection_sample(policy_cfg, policy, policy_cfg, policy, tok, PROMPTS, **SETTINGS)
+  answered = [PROMPTS[0] + [{"role": "assistant", "content": "x"}]]
+  with pytest.raises(ConfigError, match="prompt 0 ends with a assistant message; a prompt ends with the user"):
+    R.rejection_sample(policy_cfg, policy, reward_cfg, reward, tok, answered, **SETTINGS)
+  path = tmp_path / "p.jsonl"
+  path.write_text(json.dumps({"prompt": "hello"}) + "\n" + json.dumps({"messages": PROMPTS[1]}) + "\n"
+                  + json.dumps({"text": "x"}) + "\n")
+  with pytest.raises(ConfigError, match=r"p.jsonl:3: no 'messages' or 'prompt' field"):
+    R.read_prompts(str(path), chat.ChatFormat.llama3(tok))
+  path.write_text(json.dumps({"prompt": "hello"}) + "\n" + json.dumps({"messages": PROMPTS[1]}) + "\n")
+  assert R.read_prompts(str(path), chat.ChatFormat.llama3(tok)) == [
+      [{"role": "user", "content": "hello"}], PROMPTS[1]]
