@@ -5,6 +5,8 @@ policy and reward model; a SentencePiece tokenizer with the Llama 3 chat tokens 
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 import sysconfig
 
 import jax
@@ -16,10 +18,12 @@ from llama_jax import config as C
 from llama_jax.data import chat, posttrain, tokenizers as tk
 from llama_jax.errors import ConfigError
 from llama_jax.inference import generate
+from llama_jax.interop import orbax
 from llama_jax.model import factory, params as P
 from llama_jax.parallel import sharding
 from llama_jax.training import rejection as R
 
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROMPTS = [[{"role": "user", "content": "why is the sky blue?"}],
            [{"role": "system", "content": "Answer in one line."}, {"role": "user", "content": "name a prime"}],
            [{"role": "user", "content": "hi"}]]
@@ -35,14 +39,14 @@ def setup(tmp_path_factory):
   reward_cfg = dataclasses.replace(policy_cfg, head="reward")
   mesh = sharding.make_mesh(fsdp=1, devices=jax.devices()[:1])
   policy = P.init_params(policy_cfg, mesh, jax.random.key(0))
-  reward = P.init_params(reward_cfg, mesh, jax.random.key(1))
+  reward = P.reward_params_from_lm(policy, reward_cfg, mesh, jax.random.key(1))  # trunk shared, head drawn
   return tok, policy_cfg, policy, reward_cfg, reward
 
 
 @pytest.fixture(scope="module")
 def records(setup):
   tok, policy_cfg, policy, reward_cfg, reward = setup
-  return R.rejection_sample(policy_cfg, policy, reward_cfg, reward, tok, PROMPTS, batch_size=5,
+  return R.rejection_sample(policy_cfg, policy, reward_cfg, reward, tok, PROMPTS, batch_size=6,
                             keep_samples=True, **SETTINGS)
 
 
@@ -107,7 +111,7 @@ def test_jsonl_round_trips_through_read_sft(setup, records, tmp_path):
 
 def test_k1_keeps_the_single_sample(setup, records):
   tok, policy_cfg, policy, reward_cfg, reward = setup
-  one = R.rejection_sample(policy_cfg, policy, reward_cfg, reward, tok, PROMPTS, batch_size=5,
+  one = R.rejection_sample(policy_cfg, policy, reward_cfg, reward, tok, PROMPTS, batch_size=6,
                            keep_samples=True, **{**SETTINGS, "k": 1})
   for rec, full in zip(one, records):
     assert len(rec["scores"]) == 1 and rec["messages"][-1]["content"] == rec["samples"][0]
@@ -130,3 +134,29 @@ def test_errors_name_the_fix(setup, tmp_path):
   path.write_text(json.dumps({"prompt": "hello"}) + "\n" + json.dumps({"messages": PROMPTS[1]}) + "\n")
   assert R.read_prompts(str(path), chat.ChatFormat.llama3(tok)) == [
       [{"role": "user", "content": "hello"}], PROMPTS[1]]
+
+
+def test_script_end_to_end(setup, tmp_path):
+  """experiments/rejection_sample.py on params-only directories: SFT JSONL out; a language model given as
+  --reward_model is a one-line error naming the fix."""
+  tok, policy_cfg, policy, reward_cfg, reward = setup
+  orbax.save_params(str(tmp_path / "policy"), policy, policy_cfg)
+  orbax.save_params(str(tmp_path / "rm"), reward, reward_cfg)
+  prompts = tmp_path / "prompts.jsonl"
+  prompts.write_text(json.dumps({"prompt": "hello"}) + "\n" + json.dumps({"messages": PROMPTS[1]}) + "\n")
+  out = tmp_path / "rs.jsonl"
+  cmd = [sys.executable, os.path.join(ROOT, "experiments/rejection_sample.py"), "--policy=orbax:" + str(
+      tmp_path / "policy"), f"--tokenizer={tok.model_path}", f"--prompts={prompts}", f"--output={out}",
+         "--k=3", "--max_new_tokens=6", "--batch_size=6", "--mesh_fsdp=1"]
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  bad = subprocess.run(cmd + [f"--reward_model={tmp_path / 'policy'}"], capture_output=True, text=True, env=env)
+  assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1] == (
+      f"error: --reward_model={tmp_path / 'policy'}: its model config has head='lm', a language model; give a "
+      "reward model (head='reward', trained with the reward recipe).")
+  run = subprocess.run(cmd + [f"--reward_model={tmp_path / 'rm'}"], capture_output=True, text=True, env=env)
+  assert run.returncode == 0, run.stderr[-2000:]
+  assert "2 prompts x 3 samples: mean best reward" in run.stdout
+  dialogs, _ = posttrain.read_sft(str(out), tok, chat.ChatFormat.llama3(tok), seq_len=256)
+  lines = [json.loads(line) for line in out.read_text().splitlines()]
+  assert len(dialogs) == len(lines) == 2 and all(len(r["scores"]) == 3 for r in lines)
+  assert lines[1]["messages"][:-1] == PROMPTS[1] and lines[1]["score"] == max(lines[1]["scores"])
