@@ -130,8 +130,7 @@ def score_dialogs(reward_cfg: ModelConfig, reward_params: Any, tokenizer: Tokeni
   t = min(1 << (longest - 1).bit_length(), reward_cfg.max_seq_len)
   n = batch_size if mesh is None else -(-batch_size // _dp(mesh)) * _dp(mesh)
   run = _scorer(reward_cfg, mesh)
-  context = (sharding.use(mesh, sharding.logical_rules(reward_cfg, mesh)) if mesh is not None
-             else contextlib.nullcontext())
+  rules = sharding.logical_rules(reward_cfg, mesh) if mesh is not None else None
   out = []
   for start in range(0, len(ids), batch_size):
     chunk = ids[start:start + batch_size]
@@ -140,7 +139,7 @@ def score_dialogs(reward_cfg: ModelConfig, reward_params: Any, tokenizer: Tokeni
     last_B = np.zeros((n,), np.int32)
     for b, x in enumerate(chunk):
       tokens_BT[b, :len(x)], segments_BT[b, :len(x)], last_B[b] = x, 1, len(x) - 1
-    with context:
+    with sharding.use(mesh, rules) if mesh is not None else contextlib.nullcontext():  # one use each
       reward_B = run(reward_params, tokens_BT, segments_BT, last_B)
     out.append(np.asarray(reward_B, np.float32)[:len(chunk)])
   return np.concatenate(out)

@@ -74,14 +74,14 @@ def test_keeps_the_argmax_of_the_reward_model_on_each_sample_alone(setup, record
   np.testing.assert_allclose(score({"params": reward}, jnp.asarray(ids)[None])[0], records[0]["score"],
                              atol=1e-5, rtol=0)
   assert len({s for r in records for s in r["samples"]}) > K  # it sampled: the texts differ
-  # Sample j of prompt i is the prompt generated alone with key fold_in(fold_in(key(seed), i), j).
-  i, j = 1, 2
-  key = jax.random.fold_in(jax.random.fold_in(jax.random.key(SETTINGS["seed"]), i), j)
-  fmt_ids = chat.render(tok, fmt, PROMPTS[i], add_generation_prompt=True).ids.tolist()
-  new = generate.generate(policy_cfg, policy, [fmt_ids], 8, temperature=1.0, top_p=0.95, rng=key[None],
-                          stop_ids=(tok.eos_id, fmt.eom_id, fmt.end_id), pad_id=tok.pad_id)[0]
-  assert records[i]["samples"][j] == tok.decode(new)
-
+  # Sample j of prompt i draws with key fold_in(fold_in(key(seed), i), j): prompt 1's 4 samples again, in a
+  # batch of 6 rows (the shape of the call above: no new compile).
+  base = jax.random.key(SETTINGS["seed"])
+  keys = jnp.stack([jax.random.fold_in(jax.random.fold_in(base, 1), j) for j in range(6)])
+  ids = chat.render(tok, fmt, PROMPTS[1], add_generation_prompt=True).ids.tolist()
+  new = generate.generate(policy_cfg, policy, [ids] * 6, 8, temperature=1.0, top_p=0.95, rng=keys,
+                          stop_ids=(tok.eos_id, fmt.eom_id, fmt.end_id), pad_id=tok.pad_id)
+  assert records[1]["samples"] == [tok.decode(x) for x in new[:K]]
 
 def test_same_seed_same_output_whatever_the_batch_size(setup, records):
   tok, policy_cfg, policy, reward_cfg, reward = setup
@@ -111,13 +111,13 @@ def test_jsonl_round_trips_through_read_sft(setup, records, tmp_path):
 
 def test_k1_keeps_the_single_sample(setup, records):
   tok, policy_cfg, policy, reward_cfg, reward = setup
-  one = R.rejection_sample(policy_cfg, policy, reward_cfg, reward, tok, PROMPTS, batch_size=6,
+  # 6 prompts x 1 in one batch of 6: the fixture's shape again.
+  one = R.rejection_sample(policy_cfg, policy, reward_cfg, reward, tok, PROMPTS * 2, batch_size=6,
                            keep_samples=True, **{**SETTINGS, "k": 1})
-  for rec, full in zip(one, records):
+  for rec in one:
     assert len(rec["scores"]) == 1 and rec["messages"][-1]["content"] == rec["samples"][0]
     assert rec["score"] == rec["scores"][0]
-  assert one[0]["samples"][0] == records[0]["samples"][0]  # sample 0 of prompt 0: the same key
-
+  assert [r["samples"][0] for r in one[:3]] == [r["samples"][0] for r in records]  # keys (i, 0): the same
 
 def test_errors_name_the_fix(setup, tmp_path):
   tok, policy_cfg, policy, reward_cfg, reward = setup
@@ -147,8 +147,8 @@ def test_script_end_to_end(setup, tmp_path):
   out = tmp_path / "rs.jsonl"
   cmd = [sys.executable, os.path.join(ROOT, "experiments/rejection_sample.py"), "--policy=orbax:" + str(
       tmp_path / "policy"), f"--tokenizer={tok.model_path}", f"--prompts={prompts}", f"--output={out}",
-         "--k=3", "--max_new_tokens=6", "--batch_size=6", "--mesh_fsdp=1"]
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+         "--k=3", "--max_new_tokens=6", "--batch_size=5", "--mesh_fsdp=2"]
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}  # rows padded to 2
   bad = subprocess.run(cmd + [f"--reward_model={tmp_path / 'policy'}"], capture_output=True, text=True, env=env)
   assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1] == (
       f"error: --reward_model={tmp_path / 'policy'}: its model config has head='lm', a language model; give a "
@@ -160,3 +160,7 @@ def test_script_end_to_end(setup, tmp_path):
   lines = [json.loads(line) for line in out.read_text().splitlines()]
   assert len(dialogs) == len(lines) == 2 and all(len(r["scores"]) == 3 for r in lines)
   assert lines[1]["messages"][:-1] == PROMPTS[1] and lines[1]["score"] == max(lines[1]["scores"])
+  # The kept dialogs scored here, on one device, give the scores the script wrote from its 2-device mesh.
+  ours = R.score_dialogs(reward_cfg, reward, tok, chat.ChatFormat.llama3(tok), [r["messages"] for r in lines],
+                         batch_size=6)
+  np.testing.assert_allclose(ours, [r["score"] for r in lines], atol=1e-5, rtol=0)
