@@ -46,8 +46,8 @@ PROMPT_ENDS = ("user", "ipython")
 def check_prompt(messages: Any, fmt: ChatFormat, what: str = "'messages'") -> None:
   check_dialog(messages, fmt, what)
   if messages[-1]["role"] not in PROMPT_ENDS:
-    raise ConfigError(f"{what} ends with a {messages[-1]['role']} message; a prompt ends with the user's turn "
-                      "(drop the answer: the policy writes it).")
+    raise ConfigError(f"{what} ends with a message of role {messages[-1]['role']!r}; a prompt ends with the "
+                      "user's turn (drop the answer: the policy writes it).")
 
 
 def read_prompts(paths: str | Sequence[str], fmt: ChatFormat, on_bad_line: posttrain.OnBadLine = "fail",

@@ -124,7 +124,7 @@ def test_errors_name_the_fix(setup, tmp_path):
   with pytest.raises(ConfigError, match="reward model's ModelConfig.head is 'lm'; give a reward model"):
     R.rejection_sample(policy_cfg, policy, policy_cfg, policy, tok, PROMPTS, **SETTINGS)
   answered = [PROMPTS[0] + [{"role": "assistant", "content": "x"}]]
-  with pytest.raises(ConfigError, match="prompt 0 ends with a assistant message; a prompt ends with the user"):
+  with pytest.raises(ConfigError, match="prompt 0 ends with a message of role 'assistant'; a prompt ends with"):
     R.rejection_sample(policy_cfg, policy, reward_cfg, reward, tok, answered, **SETTINGS)
   path = tmp_path / "p.jsonl"
   path.write_text(json.dumps({"prompt": "hello"}) + "\n" + json.dumps({"messages": PROMPTS[1]}) + "\n"
@@ -147,12 +147,12 @@ def test_script_end_to_end(setup, tmp_path):
   out = tmp_path / "rs.jsonl"
   cmd = [sys.executable, os.path.join(ROOT, "experiments/rejection_sample.py"), "--policy=orbax:" + str(
       tmp_path / "policy"), f"--tokenizer={tok.model_path}", f"--prompts={prompts}", f"--output={out}",
-         "--k=3", "--max_new_tokens=6", "--batch_size=5", "--mesh_fsdp=2"]
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}  # rows padded to 2
+         "--k=3", "--max_new_tokens=6", "--batch_size=5", "--mesh_fsdp=2"]  # 5 rows: padded to 6 on 2 devices
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
   bad = subprocess.run(cmd + [f"--reward_model={tmp_path / 'policy'}"], capture_output=True, text=True, env=env)
-  assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1] == (
+  assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [
       f"error: --reward_model={tmp_path / 'policy'}: its model config has head='lm', a language model; give a "
-      "reward model (head='reward', trained with the reward recipe).")
+      "reward model (head='reward', trained with the reward recipe)."]
   run = subprocess.run(cmd + [f"--reward_model={tmp_path / 'rm'}"], capture_output=True, text=True, env=env)
   assert run.returncode == 0, run.stderr[-2000:]
   assert "2 prompts x 3 samples: mean best reward" in run.stdout
