@@ -164,3 +164,21 @@ def test_script_end_to_end(setup, tmp_path):
   ours = R.score_dialogs(reward_cfg, reward, tok, chat.ChatFormat.llama3(tok), [r["messages"] for r in lines],
                          batch_size=6)
   np.testing.assert_allclose(ours, [r["score"] for r in lines], atol=1e-5, rtol=0)
+
+
+def test_chatml_format(setup, tmp_path):
+  """A ChatML format (ids borrowed from the chat specials): each sample rendered as a ChatML dialog (ending
+  <|im_end|> "\\n") and scored there, the best kept, the output read back under that format."""
+  tok, policy_cfg, policy, reward_cfg, reward = setup
+  st = tok.special_tokens
+  fmt = chat.ChatFormat("chatml", start_id=st["<|start_header_id|>"], end_id=st["<|eot_id|>"])
+  recs = R.rejection_sample(policy_cfg, policy, reward_cfg, reward, tok, PROMPTS[:2], batch_size=6,
+                            keep_samples=True, fmt=fmt, **{**SETTINGS, "k": 3})
+  dialogs = [p + [{"role": "assistant", "content": t}] for p, r in zip(PROMPTS, recs) for t in r["samples"]]
+  assert chat.render(tok, fmt, dialogs[0]).ids[-2] == fmt.end_id
+  ref = R.score_dialogs(reward_cfg, reward, tok, fmt, dialogs, batch_size=6)
+  np.testing.assert_allclose([s for r in recs for s in r["scores"]], ref, atol=1e-5, rtol=0)
+  assert [r["messages"] for r in recs] == [dialogs[3 * i + int(np.argmax(ref[3 * i:3 * i + 3]))] for i in (0, 1)]
+  path = str(tmp_path / "rs.jsonl")
+  assert R.write_jsonl(recs, path) == 0
+  assert len(posttrain.read_sft(path, tok, fmt, seq_len=256)[0]) == 2
