@@ -10,6 +10,9 @@ on, and the loop ends when every row is done (or after `max_new_tokens`).
 
 Sampling is `sample.next_token` with the same key sequence as the cache-free sampler
 (llama_jax/inference/sample.py), which stays the oracle: the tests hold the two equal token for token.
+`rng` may instead be one key per prompt ([B] keys): each row then splits its own key, so a row's draws
+depend only on its key and its prompt, not on which rows share the batch (rejection sampling seeds each
+(prompt, sample) this way).
 On a mesh the params keep their layout and the cache is laid out by the rules table (B over the batch
 axes, K over `tensor`); the batch is padded to a multiple of the data-parallel degree.
 """
@@ -51,26 +54,32 @@ def generate_tokens(config: ModelConfig, params, prompts: list[list[int]], max_n
                     rng: jax.Array | None = None, stop_ids: Sequence[int] = (), pad_id: int = 0,
                     mesh: Mesh | None = None) -> tuple[np.ndarray, int]:
   """(new_BE: the new tokens [len(prompts), max_new_tokens], stop tokens included and `pad_id` after
-  them; the number of tokens the loop produced per row before every row was done)."""
+  them; the number of tokens the loop produced per row before every row was done).
+  `rng`: one key for the batch, or [len(prompts)] keys, one per row (see the module docstring)."""
   sample.check_sampling(temperature, top_k, top_p)
   if max_new_tokens < 1:
     raise ConfigError(f"max_new_tokens={max_new_tokens}: generate at least 1 token (--max_new_tokens, "
                       "--sample_tokens).")
   length = sample.check_prompts(config, prompts, max_new_tokens)
   rows = len(prompts)
+  rng = jax.random.key(0) if rng is None else rng
+  per_row = rng.ndim == 1
+  if per_row and rng.shape[0] != rows:
+    raise ConfigError(f"generate: {rng.shape[0]} keys for {rows} prompts; give one key, or one per prompt.")
   if mesh is not None and mesh.shape["context"] > 1:
     raise ConfigError(f"generation splits no sequence, but the mesh has --mesh_context="
                       f"{mesh.shape['context']}; use --mesh_context=1.")
   if mesh is not None:  # a whole number of rows per data-parallel device; the extra rows are dropped
     n = mesh.shape["data"] * mesh.shape["fsdp"]
     prompts = list(prompts) + [prompts[-1]] * (-rows % n)
+    if per_row:
+      rng = jnp.concatenate([rng, jnp.repeat(rng[-1:], -rows % n, axis=0)])
   buf_BT = np.full((len(prompts), max(len(p) for p in prompts)), pad_id, np.int32)
   for i, p in enumerate(prompts):
     buf_BT[i, : len(p)] = p
   lens_B = np.array([len(p) for p in prompts], np.int32)
-  rng = jax.random.key(0) if rng is None else rng
   run = _program(config, mesh, max_new_tokens, length, float(temperature), int(top_k), float(top_p),
-                 tuple(int(s) for s in stop_ids), int(pad_id))
+                 tuple(int(s) for s in stop_ids), int(pad_id), per_row)
   context = (sharding.use(mesh, sharding.logical_rules(config, mesh)) if mesh is not None
              else contextlib.nullcontext())
   with context:
@@ -80,7 +89,7 @@ def generate_tokens(config: ModelConfig, params, prompts: list[list[int]], max_n
 
 @functools.lru_cache(maxsize=16)
 def _program(config: ModelConfig, mesh: Mesh | None, max_new_tokens: int, length: int, temperature: float,
-             top_k: int, top_p: float, stop_ids: tuple[int, ...], pad_id: int):
+             top_k: int, top_p: float, stop_ids: tuple[int, ...], pad_id: int, per_row: bool = False):
   # Cached per settings (and mesh: the logical constraints resolve against it when traced).
   del mesh
   model = factory.make_model(config)
@@ -93,9 +102,19 @@ def _program(config: ModelConfig, mesh: Mesh | None, max_new_tokens: int, length
                                     cache=cache)
     return logits_BTV[:, 0], cache
 
+  def draw(rng, logits_BV):
+    if not per_row:
+      rng, key = jax.random.split(rng)
+      return rng, sample.next_token(key, logits_BV, temperature, top_k, top_p)
+    # One key per row, split as a lone row's would be: vmapped draws equal the unbatched ones.
+    rng_B2 = jax.vmap(jax.random.split)(rng)
+    def one(key, logits_V):
+      return sample.next_token(key, logits_V[None], temperature, top_k, top_p)[0]
+
+    return rng_B2[:, 0], jax.vmap(one)(rng_B2[:, 1], logits_BV)
+
   def emit(i, logits_BV, rng, done_B, new_BE):
-    rng, key = jax.random.split(rng)
-    tokens_B = sample.next_token(key, logits_BV, temperature, top_k, top_p)
+    rng, tokens_B = draw(rng, logits_BV)
     tokens_B = jnp.where(done_B, pad_id, tokens_B)
     new_BE = jax.lax.dynamic_update_slice_in_dim(new_BE, tokens_B[:, None], i, axis=1)
     return tokens_B, rng, done_B | jnp.isin(tokens_B, jnp.asarray(stop_ids, jnp.int32)), new_BE

@@ -136,3 +136,18 @@ def test_bad_settings_are_config_errors(params):
     G.generate(CFG, params, PROMPTS, 0)
   with pytest.raises(ConfigError, match="--mesh_context=2"):
     G.generate(CFG, params, PROMPTS, NEW, mesh=sharding.make_mesh(fsdp=4, context=2))
+
+
+def test_per_row_keys_make_each_row_independent_of_the_batch(params):
+  # One key per prompt: each row's draws equal that prompt generated alone with its key, in any batch.
+  keys = jax.random.split(jax.random.key(7), len(PROMPTS))
+  batched = G.generate(CFG, params, PROMPTS, NEW, rng=keys, **NUCLEUS)
+  alone = [G.generate(CFG, params, [p], NEW, rng=keys[i:i + 1], **NUCLEUS)[0] for i, p in enumerate(PROMPTS)]
+  assert batched == alone
+  rev = G.generate(CFG, params, PROMPTS[::-1], NEW, rng=keys[::-1], **NUCLEUS)
+  assert rev[::-1] == batched
+  mesh = sharding.make_mesh(fsdp=4, tensor=2)  # 3 rows padded to 4: the padding row gets a key too
+  sharded = P.init_params(CFG, mesh, jax.random.key(0))
+  assert G.generate(CFG, sharded, PROMPTS, NEW, rng=keys, mesh=mesh, **NUCLEUS) == batched
+  with pytest.raises(ConfigError, match="2 keys for 3 prompts"):
+    G.generate(CFG, params, PROMPTS, NEW, rng=keys[:2], **NUCLEUS)
