@@ -31,6 +31,7 @@ from typing import Any, Literal
 
 import jax
 from etils import epath
+from jax.experimental import multihost_utils
 
 from llama_jax import config as config_lib
 from llama_jax.config import ModelConfig
@@ -299,7 +300,13 @@ def _train(cfg, ckpt, model_cfg, mesh, stream, eval_stream, rows, to_global, los
   result = {"step": out.step, "eval_loss": out.eval_loss, "final": None}
   final = run_dir / FINAL_DIR
   if out.step == cfg.steps:
-    if not final.exists():  # a rerun of a finished run trains nothing and keeps what it wrote
+    # A run continued to more steps replaces the shorter run's final; a rerun of a finished run keeps it.
+    if out.step > first or not final.exists():
+      if final.exists():
+        if jax.process_index() == 0:
+          final.rmtree()
+        if jax.process_count() > 1:
+          multihost_utils.sync_global_devices("final params removed")
       orbax_lib.save_params(str(final), out.state.params, model_cfg)
     result["final"] = str(final)
     if jax.process_index() == 0:
