@@ -42,7 +42,7 @@ from llama_jax.interop import init_from, orbax as orbax_lib
 from llama_jax.model import params as params_lib
 from llama_jax.parallel import batching, sharding
 from llama_jax.training import checkpoint, loop, metrics as metrics_lib, posttrain_losses as pl
-from llama_jax.training import preemption as preemption_lib, reporting, step as train
+from llama_jax.training import preemption as preemption_lib, pretrain, reporting, step as train
 from llama_jax.training.optim import OptimizerConfig
 from llama_jax.training.stages import Stage
 
@@ -87,6 +87,9 @@ class PostTrainConfig:
   keep_checkpoints: int = 2
   max_bad_steps: int = 10
   allow_config_change: bool = False
+  # JAX's persistent compilation cache, as pretraining's: "" = <run_dir>/compilation_cache, "off", or a
+  # directory (e.g. one shared by the rounds of a recipe: the same model compiles the same programs).
+  compilation_cache_dir: str = ""
 
   def __post_init__(self):
     if self.objective not in Objective.__args__:
@@ -125,7 +128,7 @@ class PostTrainConfig:
 # Settings that may change between a run and its resume without changing what is trained.
 _HARMLESS = {"run_dir", "steps", "mesh_data", "mesh_fsdp", "mesh_tensor", "init_from", "reference", "log_every",
              "eval_every", "eval_batches", "eval_files", "checkpoint_every", "keep_checkpoints",
-             "max_bad_steps", "allow_config_change", "optim.grad_accum_steps", "model.remat_policy",
+             "max_bad_steps", "allow_config_change", "compilation_cache_dir", "optim.grad_accum_steps", "model.remat_policy",
              "model.attention_impl", "model.loss_chunk"}
 _FLAG = {"optim.peak_lr": "--lr", "optim.final_lr": "--final_lr", "optim.total_steps": "--steps",
          "optim.warmup_steps": "--warmup_steps", "model.dtype": "--dtype", "dpo_variant": "--dpo_variant"}
@@ -244,12 +247,13 @@ def post_train(cfg: PostTrainConfig) -> dict:
     keys = _PREFERENCE_INPUTS if cfg.objective == "dpo" else data.PREFERENCE_FEATURES
     to_global = lambda b: batching.global_batch({k: b[k] for k in keys}, mesh)  # noqa: E731
 
-  ckpt = checkpoint.Checkpointer(str(run_dir / "checkpoints"), save_interval_steps=cfg.checkpoint_every,
-                                 max_to_keep=cfg.keep_checkpoints)
-  try:  # also on an error: the saves in flight complete
-    return _train(cfg, ckpt, model_cfg, mesh, stream, eval_stream, rows, to_global, loss_fn, run_dir)
-  finally:
-    ckpt.close()
+  with pretrain.compilation_cache(cfg.compilation_cache_dir, run_dir):
+    ckpt = checkpoint.Checkpointer(str(run_dir / "checkpoints"), save_interval_steps=cfg.checkpoint_every,
+                                   max_to_keep=cfg.keep_checkpoints)
+    try:  # also on an error: the saves in flight complete
+      return _train(cfg, ckpt, model_cfg, mesh, stream, eval_stream, rows, to_global, loss_fn, run_dir)
+    finally:
+      ckpt.close()
 
 
 def _train(cfg, ckpt, model_cfg, mesh, stream, eval_stream, rows, to_global, loss_fn, run_dir) -> dict:
