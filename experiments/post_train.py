@@ -37,18 +37,25 @@ flags.DEFINE_list("eval_files", [], "Held-out JSONL files of the same kind (eval
 flags.DEFINE_enum("on_bad_line", "fail", ["fail", "skip"], "A malformed JSONL line: stop with file:line, or "
                   "print it and drop it.")
 flags.DEFINE_string("run_dir", None, "Checkpoints, metrics.jsonl, final params.", required=True)
-for name, help_ in (("seq_len", "Tokens per row (a dialog / prompt + response must fit)."),
-                    ("batch_size", "Rows (SFT) or pairs (DPO, reward) per optimizer step."),
-                    ("steps", "Optimizer steps (the LR schedule's length too)."),
-                    ("warmup_steps", "Linear warmup steps."), ("grad_accum_steps", "Microbatches per step."),
-                    ("seed", "Data order and the reward head's init."), ("mesh_data", "Data-parallel degree."),
-                    ("mesh_fsdp", "FSDP degree (-1: the rest)."), ("mesh_tensor", "Tensor-parallel degree."),
-                    ("log_every", "Progress line every N steps."), ("eval_every", "Held-out loss every N steps."),
-                    ("eval_batches", "Held-out batches scored."), ("checkpoint_every", "Checkpoint every N steps."),
-                    ("keep_checkpoints", "Checkpoints kept."), ("max_bad_steps", "Non-finite steps in a row "
-                                                                "before the run stops.")):
-  flags.DEFINE_integer(name, getattr(D, name, None) if name not in ("warmup_steps", "grad_accum_steps")
-                       else {"warmup_steps": 0, "grad_accum_steps": 1}[name], help_)
+_INT = {  # flag: (default, help)
+    "seq_len": (D.seq_len, "Tokens per row (a dialog, or prompt + response, must fit)."),
+    "batch_size": (D.batch_size, "Rows (SFT) or pairs (DPO, reward) per optimizer step."),
+    "steps": (D.steps, "Optimizer steps (also the LR schedule's length)."),
+    "warmup_steps": (0, "Linear warmup steps."),
+    "grad_accum_steps": (1, "Microbatches per optimizer step."),
+    "seed": (D.seed, "Data order and the reward head's init."),
+    "mesh_data": (D.mesh_data, "Data-parallel degree."),
+    "mesh_fsdp": (D.mesh_fsdp, "FSDP degree (-1: the devices left)."),
+    "mesh_tensor": (D.mesh_tensor, "Tensor-parallel degree."),
+    "log_every": (D.log_every, "Progress line every N steps."),
+    "eval_every": (D.eval_every, "Held-out loss every N steps (with --eval_files)."),
+    "eval_batches": (D.eval_batches, "Held-out batches scored."),
+    "checkpoint_every": (D.checkpoint_every, "Checkpoint every N steps (and at the last)."),
+    "keep_checkpoints": (D.keep_checkpoints, "Checkpoints kept."),
+    "max_bad_steps": (D.max_bad_steps, "Non-finite steps in a row before the run stops."),
+}
+for name, (default, help_) in _INT.items():
+  flags.DEFINE_integer(name, default, help_)
 flags.DEFINE_float("lr", 1e-5, "Peak learning rate (the paper's SFT and DPO use 1e-5).")
 flags.DEFINE_float("final_lr", None, "Learning rate at the end of the cosine decay (default: --lr / 10).")
 flags.DEFINE_float("weight_decay", 0.1, "AdamW weight decay.")
@@ -57,6 +64,8 @@ flags.DEFINE_float("label_smoothing", D.label_smoothing, "DPO: conservative-DPO 
 flags.DEFINE_enum("dpo_variant", D.dpo_variant, ["sigmoid", "ipo", "hinge"], "DPO: the loss (TRL's names).")
 flags.DEFINE_float("nll_coef", D.nll_coef, "DPO: NLL on the chosen response (the paper: 0.2).")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype (params stay fp32).")
+flags.DEFINE_string("compilation_cache_dir", "", "JAX's persistent compilation cache (default: "
+                    "<run_dir>/compilation_cache); a directory, or off.")
 flags.DEFINE_bool("allow_config_change", False, "Resume even if trajectory-changing settings differ.")
 distributed.define_flags()
 FLAGS = flags.FLAGS
@@ -83,7 +92,7 @@ def run_config() -> posttrain.PostTrainConfig:
       mesh_data=f.mesh_data, mesh_fsdp=f.mesh_fsdp, mesh_tensor=f.mesh_tensor, log_every=f.log_every,
       eval_every=f.eval_every, eval_batches=f.eval_batches, checkpoint_every=f.checkpoint_every,
       keep_checkpoints=f.keep_checkpoints, max_bad_steps=f.max_bad_steps,
-      allow_config_change=f.allow_config_change)
+      allow_config_change=f.allow_config_change, compilation_cache_dir=f.compilation_cache_dir)
 
 
 def main(argv):

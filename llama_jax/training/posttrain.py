@@ -126,10 +126,12 @@ class PostTrainConfig:
 
 
 # Settings that may change between a run and its resume without changing what is trained.
-_HARMLESS = {"run_dir", "steps", "mesh_data", "mesh_fsdp", "mesh_tensor", "init_from", "reference", "log_every",
+# The policy resumes from its checkpoint (init_from no longer matters); DPO's reference is reloaded, so a
+# change of `reference` (which post_train sets to init_from when not given) does matter.
+_HARMLESS = {"run_dir", "steps", "mesh_data", "mesh_fsdp", "mesh_tensor", "init_from", "log_every",
              "eval_every", "eval_batches", "eval_files", "checkpoint_every", "keep_checkpoints",
-             "max_bad_steps", "allow_config_change", "compilation_cache_dir", "optim.grad_accum_steps", "model.remat_policy",
-             "model.attention_impl", "model.loss_chunk"}
+             "max_bad_steps", "allow_config_change", "compilation_cache_dir", "optim.grad_accum_steps",
+             "model.remat_policy", "model.attention_impl", "model.loss_chunk"}
 _FLAG = {"optim.peak_lr": "--lr", "optim.final_lr": "--final_lr", "optim.total_steps": "--steps",
          "optim.warmup_steps": "--warmup_steps", "model.dtype": "--dtype", "dpo_variant": "--dpo_variant"}
 
@@ -153,8 +155,9 @@ def _check_and_save_config(cfg: PostTrainConfig, model_cfg: ModelConfig, run_dir
   path, now = run_dir / CONFIG_FILE, _as_json(cfg)
   if resuming and path.exists():
     a, b = _flat(json.loads(path.read_text())), _flat(now)
-    diffs = [f"{_FLAG.get(k, '--' + k if '.' not in k else f'--config ({k})')}: saved {a.get(k)}, now {b.get(k)}"
-             for k in sorted(set(a) | set(b)) if k not in _HARMLESS and a.get(k) != b.get(k)]
+    flag = lambda k: _FLAG.get(k, f"--{k}" if "." not in k else f"--config ({k})")  # noqa: E731
+    diffs = [f"{flag(k)}: saved {a.get(k)}, now {b.get(k)}" for k in sorted(set(a) | set(b))
+             if k not in _HARMLESS and a.get(k) != b.get(k)]
     if diffs and not cfg.allow_config_change:
       raise ConfigError(f"--run_dir={cfg.run_dir} holds a run with other settings: {'; '.join(diffs)}. "
                         "Rerun with the saved values, or pass --allow_config_change to continue anyway.")
@@ -183,7 +186,8 @@ def _model_config(cfg: PostTrainConfig, tok, run_dir: epath.Path, resuming: bool
   try:  # every id the tokenizer makes (chat specials included) needs an embedding row
     tokenizer_lib.check_model_vocab(model_cfg.vocab_size, tok)
   except ConfigError as e:
-    raise ConfigError(f"--init_from={cfg.init_from} does not cover --tokenizer={cfg.tokenizer}: {e}") from None
+    raise ConfigError(f"--init_from={cfg.init_from} does not cover --tokenizer={cfg.tokenizer}: {e}"
+                      ) from None
   return model_cfg
 
 
@@ -193,7 +197,8 @@ def _initial_params(cfg: PostTrainConfig, model_cfg: ModelConfig, mesh) -> Any:
   loaded = init_from.read_config(cfg.init_from)
   if model_cfg.head == "reward" and loaded.head == "lm":
     _, lm = init_from.load_pretrained(cfg.init_from, mesh, expect=dataclasses.replace(model_cfg, head="lm"))
-    return params_lib.reward_params_from_lm(lm, model_cfg, mesh, jax.random.fold_in(jax.random.key(cfg.seed), 1))
+    head_rng = jax.random.fold_in(jax.random.key(cfg.seed), 1)
+    return params_lib.reward_params_from_lm(lm, model_cfg, mesh, head_rng)
   return init_from.load_pretrained(cfg.init_from, mesh, expect=model_cfg)[1]
 
 
@@ -218,6 +223,8 @@ def post_train(cfg: PostTrainConfig) -> dict:
   """Runs (or resumes) post-training; returns {"step", "eval_loss", "final"} (final: the params-only
   directory, written when the run reaches `steps`)."""
   loss_fn = _loss(cfg)
+  if cfg.objective == "dpo" and not cfg.reference:  # saved in run_config.json: a resume must use the same
+    cfg = dataclasses.replace(cfg, reference=cfg.init_from)
   if not os.path.exists(cfg.tokenizer):
     raise ConfigError(f"--tokenizer: {cfg.tokenizer} does not exist; check the path.")
   tok = _tokenizer(cfg.tokenizer)
@@ -264,8 +271,7 @@ def _train(cfg, ckpt, model_cfg, mesh, stream, eval_stream, rows, to_global, los
   score = None
   if cfg.objective == "dpo":
     # The frozen reference: loaded on every start (a resume too), never part of the checkpoint.
-    reference = cfg.reference or cfg.init_from
-    _, ref_params = init_from.load_pretrained(reference, mesh, expect=model_cfg)
+    _, ref_params = init_from.load_pretrained(cfg.reference, mesh, expect=model_cfg)
     ref_score = pl.score_reference(model_cfg, mesh)
     score = lambda b: pl.add_reference_logps(ref_score, ref_params, b, mesh)["ref_logp"]  # noqa: E731
     batches = data.with_ref_logp(batches, score=score)
@@ -283,7 +289,8 @@ def _train(cfg, ckpt, model_cfg, mesh, stream, eval_stream, rows, to_global, los
 
   evaluate = None
   if eval_stream is not None:
-    eval_step = train.make_eval_step(model_cfg, mesh, loss_fn=loss_fn, grad_accum_steps=cfg.optim.grad_accum_steps)
+    eval_step = train.make_eval_step(model_cfg, mesh, loss_fn=loss_fn,
+                                     grad_accum_steps=cfg.optim.grad_accum_steps)
     eval_host = list(eval_stream.in_file_order(cfg.batch_size, cfg.seq_len))[:cfg.eval_batches]
     if score is not None:  # the reference is frozen: its log-probs of the held-out pairs once
       eval_host = [{**b, "ref_logp": score(b)} for b in eval_host]

@@ -65,6 +65,8 @@ def _cfg(setup, objective, run_dir, **kw):
       {"messages": [{"role": "user", "content": f"say {w}"}, {"role": "assistant", "content": f"{w} {w} {w}"}]}
       for w in ("alpha", "parser", "value", "group")]),)} if objective == "sft"
           else {"preference_files": (_pairs(setup["dir"] / "pairs.jsonl"),)})
+  if objective == "dpo":  # held-out pairs (here the training ones), scored by the reference once
+    data.update(eval_files=data["preference_files"], eval_every=STEPS)
   base = dict(objective=objective, init_from=setup["init"], tokenizer=setup["tokenizer"], run_dir=str(run_dir),
               seq_len=SEQ, batch_size=BATCH, steps=STEPS, optim=OPT, checkpoint_every=100, log_every=100,
               compilation_cache_dir=setup["cache"], **data)
@@ -102,6 +104,10 @@ def test_dpo_rewards_separate(dpo_run):
   assert m[STEPS]["rewards/margins"] > 1.0 and m[STEPS]["rewards/accuracies"] == 1.0
   assert m[STEPS]["rewards/chosen"] > 0 > m[STEPS]["rewards/rejected"]
   assert m[STEPS]["dpo_loss"] < 0.5 * np.log(2)
+  # Step 1's loss is log 2 + 0.2 NLL (policy = reference); the held-out loss (the same pairs) falls below.
+  np.testing.assert_allclose(m[1]["loss"], np.log(2) + 0.2 * m[1]["nll_loss"], rtol=1e-5)
+  evals = [r for r in map(json.loads, open(run_dir / "metrics.jsonl")) if "eval_loss" in r]
+  assert [r["step"] for r in evals] == [STEPS] and evals[0]["eval_loss"] < 0.5 * m[1]["loss"], evals
   assert out["final"] and os.path.isdir(out["final"])
 
 
