@@ -74,11 +74,18 @@ def _cfg(setup, objective, run_dir, **kw):
 
 
 def test_sft_loss_falls(setup, tmp_path):
-  out = pt.post_train(_cfg(setup, "sft", tmp_path / "sft"))
+  cfg = _cfg(setup, "sft", tmp_path / "sft", eval_every=STEPS - 1)
+  out = pt.post_train(dataclasses.replace(cfg, eval_files=cfg.sft_files))
   m = _metrics(tmp_path / "sft")
   assert sorted(m) == list(range(1, STEPS + 1))
   losses = [m[s]["loss"] for s in range(1, STEPS + 1)]
   assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < 0.5 * losses[0], losses
+  # Held out = the training dialogs: the loss after step 9 on them is step 10's training loss (each
+  # batch holds every dialog equally often).
+  evals = {r["step"]: r["eval_loss"] for r in map(json.loads, open(tmp_path / "sft" / "metrics.jsonl"))
+           if "eval_loss" in r}
+  assert sorted(evals) == [STEPS - 1, STEPS]
+  np.testing.assert_allclose(evals[STEPS - 1], m[STEPS]["loss"], rtol=1e-5)
   # The result chains: model_config.json + params-only final, loadable as --init_from=orbax:.
   _, params = orbax_lib.load_params(out["final"], sharding.make_mesh())
   assert jax.tree.structure(params) is not None
