@@ -134,6 +134,9 @@ def test_dpo_resumes_exactly(setup, dpo_run, tmp_path, capsys):
   with ocp.StandardCheckpointer() as c:  # the checkpoint holds the policy's state only
     tree = c.metadata(str(tmp_path / "checkpoints" / str(STEPS) / "state")).item_metadata.tree
   assert set(tree) == {"step", "params", "opt_state", "rng"}
+  # Continuing with another beta would change the trajectory: refused, naming the flag.
+  with pytest.raises(ConfigError, match=r"holds a run with other settings: --beta: saved 0.1, now 0.2"):
+    pt.post_train(_cfg(setup, "dpo", tmp_path, steps=STEPS + 2, beta=0.2))
 
 
 def test_reward_model_ranks_pairs_and_skips_bad_lines(setup, tmp_path, capsys):
