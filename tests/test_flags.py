@@ -41,7 +41,8 @@ def _named_flags():
   for path in sorted(files):
     for lineno, s in _string_literals(path):
       for m in FLAG.finditer(s):
-        if not m.group(1).endswith("_"):
+        # xla_*: XLA's own flags (the XLA_FLAGS environment variable), not ours.
+        if not m.group(1).endswith("_") and not m.group(1).startswith("xla_"):
           named.setdefault(m.group(1), f"{os.path.relpath(path, ROOT)}:{lineno}")
   return named
 
