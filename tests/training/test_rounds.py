@@ -8,6 +8,7 @@ import dataclasses
 import io
 import json
 import os
+import subprocess
 import sys
 import sysconfig
 import time
@@ -24,6 +25,7 @@ from llama_jax.model import params as params_lib
 from llama_jax.parallel import sharding
 from llama_jax.training import rejection, rounds as R
 
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # 16 prompts and 16 pairs, 8 per batch: the seeds' data orders differ, so do their models.
 PROMPTS = [f"{w} {i}" for w in ("say", "name") for i in range(8)]
 K, STEPS, SEEDS = 2, 2, 2
@@ -176,3 +178,15 @@ def test_config_errors(setup, tmp_path):
   with pytest.raises(ConfigError, match=r"--reward_model=.*head='lm', a language model"):
     R.run_rounds(dataclasses.replace(setup["cfg"], reward_model=setup["cfg"].init_from.removeprefix("orbax:"),
                                      root_dir=str(tmp_path)))
+
+
+def test_cli_error_is_one_line(setup, tmp_path):
+  cfg = setup["cfg"]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  p = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "post_train_rounds.py"), "--rounds=1",
+                      f"--init_from={cfg.init_from}", f"--reward_model={cfg.reward_model}",
+                      f"--tokenizer={cfg.tokenizer}", f"--prompts={tmp_path / 'none.jsonl'}",
+                      f"--preference_files={cfg.preference_files[0]}", f"--root_dir={tmp_path / 'r'}"],
+                     capture_output=True, text=True, env=env, timeout=120)
+  assert p.returncode == 1 and p.stderr.strip().splitlines() == [
+      f"error: {tmp_path / 'none.jsonl'} does not exist; check the path."], p.stderr
