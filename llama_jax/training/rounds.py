@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from llama_jax.config import ModelConfig
-from llama_jax.data import chat
+from llama_jax.data import chat, tokenizers
 from llama_jax.errors import ConfigError
 from llama_jax.interop import init_from as init_from_lib, orbax as orbax_lib
 from llama_jax.parallel import sharding
@@ -139,7 +139,8 @@ def _sample(cfg: RoundsConfig, r: int, policy: str, round_dir: str, mesh) -> dic
   if os.path.exists(stats_path) and os.path.exists(out):
     print(f"round {r}: rejection sampling done ({out})", flush=True)
     return json.loads(open(stats_path, encoding="utf-8").read())
-  tok = pt._tokenizer(cfg.tokenizer)
+  tok = tokenizers.load_tokenizer(cfg.tokenizer)
+  tok = tok.with_chat_tokens() if hasattr(tok, "with_chat_tokens") else tok  # as post_train reads it
   fmt = chat.ChatFormat.for_tokenizer(tok)
   prompts = rejection.read_prompts(cfg.prompts, fmt)
   reward_cfg, reward_params = load_reward_model(cfg.reward_model, mesh)
