@@ -1,4 +1,5 @@
-"""Greedy generation against Hugging Face's greedy `generate` on the same weights."""
+"""Greedy generation — the cache-free sampler and the KV-cache generator, on 1 and 8 devices — against
+Hugging Face's greedy `generate` on the same weights."""
 
 import jax
 import pytest
@@ -6,6 +7,7 @@ import pytest
 from llama_jax.interop import hf
 from llama_jax.parallel import sharding
 from llama_jax.errors import ConfigError
+from llama_jax.inference import generate as cached
 from llama_jax.inference.sample import generate
 
 torch = pytest.importorskip("torch")
@@ -28,6 +30,11 @@ def test_greedy_matches_hf_generate(tmp_path):
       ref = model.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False, eos_token_id=None,
                            pad_token_id=0)
     assert new == ref[0, len(prompt):].tolist()
+  # The KV-cache generator on one device and sharded over 8 (fsdp 4 x tensor 2) gives HF's tokens too.
+  assert cached.generate(config, params, prompts, 10, mesh=mesh) == ours
+  mesh8 = sharding.make_mesh(fsdp=4, tensor=2)
+  _, params8 = hf.load_hf(str(tmp_path), mesh8)
+  assert cached.generate(config, params8, prompts, 10, mesh=mesh8) == ours
   # Sampling at a temperature draws valid tokens; a stop id cuts the continuation.
   sampled = generate(config, params, prompts, 10, temperature=1.0, rng=jax.random.key(1))
   assert all(0 <= t < 96 for s in sampled for t in s)

@@ -86,6 +86,12 @@ def test_average_of_a_run_equals_the_float64_mean_and_loads_as_init_from(run, tm
   saved = jax.device_get(_load(tmp_path / "avg", mesh))
   for a, b in zip(jax.tree.leaves(jax.device_get(mem)), jax.tree.leaves(saved)):
     np.testing.assert_array_equal(a, b)
+  # The average generates: the KV-cache generator on the loaded params equals the cache-free oracle.
+  from llama_jax.inference import generate, sample
+  params = _load(tmp_path / "avg", mesh)
+  prompts = [[1, 5, 9], [1, 7]]
+  new = generate.generate(CFG, params, prompts, 6, mesh=mesh)
+  assert new == sample.generate(CFG, params, prompts, 6) and all(len(t) == 6 for t in new)
 
 
 def test_weighted_average_of_three_sources(run, tmp_path):

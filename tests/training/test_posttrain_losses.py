@@ -363,3 +363,54 @@ def test_reward_train_steps_raise_pair_accuracy(mesh1):
   assert first["tokens"] == 8
   assert last["accuracy"] == 1.0 and last["loss"] < first["loss"] - 0.1, (first, last)
   assert last["rewards/margins"] > first["rewards/margins"]
+
+
+def _np_dpo_grad(policy_logp, ref_logp, batch, beta, label_smoothing, variant, nll_coef):
+  """d loss_sum / d policy token log-prob [B, C, T], in float64, from the formulas by hand."""
+  mask = batch["response_mask"] * (1 - batch["format_mask"])
+  n = mask.sum(-1) if variant == "ipo" else np.ones(mask.shape[:2])
+  pi, ref = (policy_logp * mask).sum(-1) / n, (ref_logp * mask).sum(-1) / n
+  d = (pi[:, 0] - pi[:, 1]) - (ref[:, 0] - ref[:, 1])
+  sig = lambda x: 1 / (1 + np.exp(-x))
+  dterm = {"sigmoid": -(1 - label_smoothing) * beta * sig(-beta * d) + label_smoothing * beta * sig(beta * d),
+           "ipo": 2 * (d - 1 / (2 * beta)),
+           "hinge": np.where(1 - beta * d > 0, -beta, 0.0)}[variant]
+  g = dterm[:, None, None] * mask / n[:, :, None] * np.array([1.0, -1.0])[None, :, None]
+  cm = batch["response_mask"][:, 0]
+  g[:, 0] += nll_coef * -cm / cm.sum(-1, keepdims=True)
+  return g
+
+
+@pytest.mark.parametrize("variant,label_smoothing", [("sigmoid", 0.0), ("sigmoid", 0.1), ("ipo", 0.0),
+                                                     ("hinge", 0.0)])
+def test_dpo_gradient_matches_numpy_and_skips_formatting_tokens(scored, variant, label_smoothing):
+  """The gradient w.r.t. every token log-prob equals the formulas' (float64, 1e-6 of its largest entry);
+  with the NLL term off, formatting tokens get exactly zero gradient: their logits cannot move the DPO term."""
+  batch, logp, np_policy, np_ref = scored
+  beta = 0.1 if variant == "ipo" else 2.0
+  kw = dict(beta=beta, label_smoothing=label_smoothing, variant=variant)
+  for nll_coef in (0.2, 0.0):
+    got = np.asarray(jax.grad(lambda lp: PL.dpo_from_logps(lp, batch, nll_coef=nll_coef, **kw)[0])(logp))
+    want = _np_dpo_grad(np.asarray(logp, np.float64), np_ref, batch, nll_coef=nll_coef, **kw)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * np.abs(want).max())
+  fmt = batch["format_mask"] == 1
+  assert fmt.sum() == 3 * 2 * B and np.all(got[fmt] == 0)
+  if variant != "hinge" or np.abs(want).max() > 0:
+    assert np.abs(got[~fmt & (batch["response_mask"] == 1)]).max() > 0
+
+
+def test_formatting_logits_do_not_move_the_dpo_gradient(policy_ref, scorer, mesh1):
+  """Changing a formatting token's target (so its logit's contribution) leaves the DPO term's gradient
+  with respect to every parameter bitwise unchanged (NLL term off)."""
+  policy, ref = policy_ref
+  batch = PL.add_reference_logps(scorer, ref, make_pref_batch(3), mesh1)
+  model = factory.make_model(CFG)
+  grad = jax.jit(jax.grad(lambda p, b: PL.dpo_loss(model, p, b, nll_coef=0.0)[0]))
+  b2 = {k: v.copy() for k, v in batch.items()}
+  for i in range(B):
+    for c in range(2):
+      j = b2["last_index"][i, c]  # the end-of-turn target of pair i's response c
+      assert b2["format_mask"][i, c, j] == 1
+      b2["targets"][i, c, j] = 77
+  for a, b in zip(jax.tree.leaves(grad(policy, batch)), jax.tree.leaves(grad(policy, b2))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
