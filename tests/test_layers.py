@@ -1,6 +1,7 @@
 """The house rules of STYLE.md §9–10, checked on the source: floors with arrows only downwards, no import
 cycles, no file over about a fifth of the package, and the library never imports experiments/."""
 
+import collections
 import ast
 import pathlib
 
@@ -97,3 +98,10 @@ def test_no_file_holds_more_than_a_fifth_of_the_package():
   total = sum(lines.values())
   biggest = max(lines, key=lines.get)
   assert lines[biggest] <= 0.2 * total, f"{biggest}: {lines[biggest]} of {total} lines"
+
+
+def test_test_file_names_are_unique():
+  # tests/ has no __init__.py files: pytest imports each test file by its base name, so two files of one
+  # name in different folders stop the whole run at collection ("import file mismatch").
+  names = collections.Counter(p.name for p in (PKG.parent / "tests").rglob("test_*.py"))
+  assert not [n for n, k in names.items() if k > 1], names

@@ -1,7 +1,7 @@
 """Post-training rounds on a tiny model: two rounds of rejection sampling -> SFT -> DPO with two seeds per
 round. Round 2 samples from round 1's DPO average (its samples reproduced from that average alone), a round's
 SFT model is the float64 mean of its runs' finals, rounds.json / the table / the plot hold both rounds, and a
-rerun skips every finished step. The tokenizer and starting weights as tests/training/test_posttrain.py."""
+rerun skips every finished step. The tokenizer and starting weights as tests/training/test_posttrain_recipes.py."""
 
 import contextlib
 import dataclasses
