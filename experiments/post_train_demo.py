@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 
-from absl import app, flags
+from absl import app, flags, logging
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -43,7 +43,9 @@ _DPO_STEPS = flags.DEFINE_integer("dpo_steps", 100, "DPO steps.")
 _N_TRAIN = flags.DEFINE_integer("n_train", 1024, "Training examples per set.")
 _N_HELDOUT = flags.DEFINE_integer("n_heldout", 64, "Held-out examples per set.")
 _K = flags.DEFINE_integer("k", 8, "Rejection sampling: samples per prompt.")
-_WINDOW = flags.DEFINE_integer("window", 3, "DPO: logged steps averaged at the start and at the end.")
+_WINDOW = flags.DEFINE_integer("window", 10, "DPO: logged steps averaged at the start and at the end.")
+_BETA = flags.DEFINE_float("beta", 0.1, "DPO: beta.")
+_NLL = flags.DEFINE_float("nll_coef", 0.2, "DPO: the NLL coefficient on the chosen response.")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEQ_LEN = 256
@@ -55,7 +57,7 @@ def sh(args: list[str]) -> str:
   t = time.time()
   proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
   out = proc.stdout + proc.stderr
-  tail = [l for l in out.splitlines() if not l.startswith(("WARNING", "I0", "W0"))][-6:]
+  tail = [l for l in out.splitlines() if not l.startswith(("WARNING", "I1", "W1", "I0", "W0"))][-6:]
   print("\n".join("    " + l for l in tail), flush=True)
   print(f"    ({time.time() - t:.0f} s)", flush=True)
   if proc.returncode != 0:
@@ -84,6 +86,7 @@ def post_train(objective: str, run_dir: str, init: str, tok: str, files: list[st
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
   from llama_jax.data import chat, corpus, instruct, tokenizers  # noqa: PLC0415
 
   out = os.path.abspath(_OUT.value)
@@ -146,7 +149,7 @@ def main(argv):
   post_train("reward", rm_dir, sft, tok_path, [sets["pref_train"]], [sets["pref_heldout"]], _RM_STEPS.value,
              1e-3, ("--warmup_steps=10",))
   rm_train_acc = [(m["step"], round(m["accuracy"], 3)) for m in metrics(rm_dir) if "accuracy" in m]
-  print(f"reward-model train accuracy (step, acc): {rm_train_acc[::3] + rm_train_acc[-1:]}")
+  print(f"reward-model train accuracy (step, acc): {rm_train_acc[::25] + rm_train_acc[-1:]}")
   import jax  # noqa: PLC0415
 
   from llama_jax.interop import orbax  # noqa: PLC0415
@@ -179,13 +182,14 @@ def main(argv):
 
   # 7. DPO from the SFT model.
   print("== 7. DPO", flush=True)
-  dpo_dir = os.path.join(out, "dpo")
+  dpo_dir = os.path.join(out, f"dpo_beta{_BETA.value}_nll{_NLL.value}")
   post_train("dpo", dpo_dir, sft, tok_path, [sets["pref_train"]], [], _DPO_STEPS.value, 1e-4,
-             ("--beta=0.1", "--nll_coef=0.2", "--warmup_steps=5"))
+             (f"--beta={_BETA.value}", f"--nll_coef={_NLL.value}", "--warmup_steps=5"))
   logged = [m for m in metrics(dpo_dir) if "rewards/accuracies" in m]
   w = _WINDOW.value
-  for key in ("rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected", "nll_loss"):
-    curve = [(m["step"], round(m[key], 3)) for m in logged]
+  for key in ("rewards/accuracies", "rewards/margins", "rewards/chosen", "logps/chosen", "logps/rejected",
+              "nll_loss"):
+    curve = [(m["step"], round(m[key], 3)) for m in logged][::10]
     summary[f"DPO {key} first->last"] = (float(np.mean([m[key] for m in logged[:w]])),
                                          float(np.mean([m[key] for m in logged[-w:]])))
     print(f"DPO {key} (step, value): {curve}")
@@ -197,14 +201,17 @@ def main(argv):
   kept, every = summary["rejection sampling mean reward kept vs all"]
   acc = summary["DPO rewards/accuracies first->last"]
   margin = summary["DPO rewards/margins first->last"]
-  logp = summary["DPO logps/chosen first->last"]
+  # rewards/chosen = beta * (log pi(chosen) - log pi_ref(chosen)) on the same batch: the change of the chosen
+  # responses' log-probs since the start, free of the batch-to-batch spread of logps/chosen (tens of nats).
+  dlogp = summary["DPO rewards/chosen first->last"][1] / _BETA.value
+  print(f"  DPO chosen log-prob change vs the reference (rewards/chosen / beta, last {w} steps): {dlogp:+.3f}")
   bars = {
       "SFT lowers the held-out response loss": sft_a < sft_b,
       "reward model > 80% held-out pair accuracy": summary["reward model held-out pair accuracy"] > 0.8,
       "rejection sampling: kept mean reward > all samples' mean": kept > every,
       "DPO raises rewards/accuracies": acc[1] > acc[0],
       "DPO raises rewards/margins": margin[1] > margin[0],
-      "DPO keeps logps/chosen from falling": logp[1] >= logp[0],
+      "DPO keeps the chosen log-probs from falling (rewards/chosen >= 0)": dlogp >= 0,
   }
   for k, ok in bars.items():
     print(f"  [{'met' if ok else 'NOT met'}] {k}")
