@@ -85,8 +85,17 @@ def post_train(objective: str, run_dir: str, init: str, tok: str, files: list[st
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    sys.exit(f"error: unexpected arguments {argv[1:]}; give every setting as a flag, e.g. --out_dir=DIR.")
   logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
+  from llama_jax.errors import ConfigError  # noqa: PLC0415
+  try:
+    demo()
+  except ConfigError as e:
+    sys.exit(f"error: {e}")
+
+
+def demo():
   from llama_jax.data import chat, corpus, instruct, tokenizers  # noqa: PLC0415
 
   out = os.path.abspath(_OUT.value)
