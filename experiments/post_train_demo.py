@@ -15,7 +15,7 @@ Steps (each a command of the README, printed as it runs; a step whose output exi
      held-out pairs whose chosen dialog gets the higher reward);
   6. rejection sampling (experiments/rejection_sample.py) of the held-out prompts with the SFT policy:
      the mean reward of the kept (best of K) samples against that of all samples;
-  7. DPO from the SFT model (--objective=dpo): rewards/accuracies, rewards/margins and logps/chosen,
+  7. DPO from the SFT model (--objective=dpo, lr --dpo_lr): rewards/accuracies, rewards/margins and logps/chosen,
      first logged step -> last (means over the first and last `--window` logged steps).
 It ends with a summary and whether each bar of the end-to-end check is met.
 """
@@ -45,6 +45,7 @@ _N_HELDOUT = flags.DEFINE_integer("n_heldout", 64, "Held-out examples per set.")
 _K = flags.DEFINE_integer("k", 8, "Rejection sampling: samples per prompt.")
 _WINDOW = flags.DEFINE_integer("window", 10, "DPO: logged steps averaged at the start and at the end.")
 _BETA = flags.DEFINE_float("beta", 0.1, "DPO: beta.")
+_DPO_LR = flags.DEFINE_float("dpo_lr", 2e-5, "DPO: peak learning rate (at 1e-4 the chosen log-probs fall).")
 _NLL = flags.DEFINE_float("nll_coef", 0.2, "DPO: the NLL coefficient on the chosen response.")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -191,8 +192,8 @@ def demo():
 
   # 7. DPO from the SFT model.
   print("== 7. DPO", flush=True)
-  dpo_dir = os.path.join(out, f"dpo_beta{_BETA.value}_nll{_NLL.value}")
-  post_train("dpo", dpo_dir, sft, tok_path, [sets["pref_train"]], [], _DPO_STEPS.value, 1e-4,
+  dpo_dir = os.path.join(out, f"dpo_lr{_DPO_LR.value}_beta{_BETA.value}_nll{_NLL.value}")
+  post_train("dpo", dpo_dir, sft, tok_path, [sets["pref_train"]], [], _DPO_STEPS.value, _DPO_LR.value,
              (f"--beta={_BETA.value}", f"--nll_coef={_NLL.value}", "--warmup_steps=5"))
   logged = [m for m in metrics(dpo_dir) if "rewards/accuracies" in m]
   w = _WINDOW.value
