@@ -414,7 +414,10 @@ def expected(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, mesh: Mesh, batch
   p = n * itemsize
   embed = model_cfg.vocab_size * model_cfg.dim * wire
   a = opt_cfg.grad_accum_steps
-  gathered = (2 * n * wire - (0 if model_cfg.tie_embeddings else embed)) / t if f > 1 else 0.0
+  # Every weight is gathered for the forward and again for the backward, the input embedding once (its
+  # lookup needs no gather in the backward). The output layer once more: the chunked loss
+  # (training/losses.py) recomputes each chunk's logits in the backward, which gathers its weight again.
+  gathered = (2 * n * wire - (0 if model_cfg.tie_embeddings else embed) + embed) / t if f > 1 else 0.0
   reduced = n * wire / t if dp > 1 else 0.0
   per_layer = 6 if model_cfg.remat_policy != "none" else 4
   act = (batch_size // (dp * a)) * (seq_len // cp) * model_cfg.dim * jnp.dtype(model_cfg.dtype).itemsize
