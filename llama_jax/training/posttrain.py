@@ -47,8 +47,7 @@ from llama_jax.training.optim import OptimizerConfig
 from llama_jax.training.stages import Stage
 
 Objective = Literal["sft", "dpo", "reward"]
-CONFIG_FILE = "run_config.json"
-MODEL_FILE = "model_config.json"
+CONFIG_FILE, MODEL_FILE = pretrain.CONFIG_FILE, pretrain.MODEL_FILE
 FINAL_DIR = "final"
 
 
@@ -136,38 +135,8 @@ _FLAG = {"optim.peak_lr": "--lr", "optim.final_lr": "--final_lr", "optim.total_s
          "optim.warmup_steps": "--warmup_steps", "model.dtype": "--dtype", "dpo_variant": "--dpo_variant"}
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict) and k in ("model", "optim"):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[prefix + k] = v
-  return out
-
-
-def _as_json(cfg: Any) -> dict:
-  return json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples -> lists, as read back
-
-
-def _check_and_save_config(cfg: PostTrainConfig, model_cfg: ModelConfig, run_dir: epath.Path,
-                           resuming: bool) -> None:
-  path, now = run_dir / CONFIG_FILE, _as_json(cfg)
-  if resuming and path.exists():
-    a, b = _flat(json.loads(path.read_text())), _flat(now)
-    flag = lambda k: _FLAG.get(k, f"--{k}" if "." not in k else f"--config ({k})")  # noqa: E731
-    diffs = [f"{flag(k)}: saved {a.get(k)}, now {b.get(k)}" for k in sorted(set(a) | set(b))
-             if k not in _HARMLESS and a.get(k) != b.get(k)]
-    if diffs and not cfg.allow_config_change:
-      raise ConfigError(f"--run_dir={cfg.run_dir} holds a run with other settings: {'; '.join(diffs)}. "
-                        "Rerun with the saved values, or pass --allow_config_change to continue anyway.")
-  if jax.process_index() == 0:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for p, text in ((path, json.dumps(now, indent=2)),
-                    (run_dir / MODEL_FILE, json.dumps(dataclasses.asdict(model_cfg), indent=2))):
-      tmp = p.parent / (p.name + ".tmp")  # a kill mid-write leaves the old file whole
-      tmp.write_text(text)
-      tmp.replace(p)
+def _flag_of(key: str) -> str:
+  return _FLAG.get(key, f"--{key}" if "." not in key else f"--config ({key})")
 
 
 def _model_config(cfg: PostTrainConfig, tok, run_dir: epath.Path, resuming: bool) -> ModelConfig:
@@ -265,7 +234,8 @@ def post_train(cfg: PostTrainConfig) -> dict:
 
 def _train(cfg, ckpt, model_cfg, mesh, stream, eval_stream, rows, to_global, loss_fn, run_dir) -> dict:
   latest = ckpt.latest_step()
-  _check_and_save_config(cfg, model_cfg, run_dir, resuming=latest is not None)
+  pretrain.check_and_save_config(cfg, model_cfg, run_dir, resuming=latest is not None,
+                                 harmless=_HARMLESS, flag_of=_flag_of)
   batches = stream.batches(cfg.batch_size, cfg.seq_len, rows)
 
   score = None

@@ -12,7 +12,7 @@ import dataclasses
 import json
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -135,32 +135,35 @@ def _flat(d: dict, prefix: str = "") -> dict:
   return out
 
 
-def _as_json(run: RunConfig) -> dict:
-  return json.loads(json.dumps(dataclasses.asdict(run)))  # tuples -> lists, as read back
+def _as_json(cfg: Any) -> dict:
+  return json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples -> lists, as read back
 
 
-def config_differences(saved: dict, now: dict) -> list[str]:
-  """`--flag: saved X, now Y` for each trajectory-changing setting that differs."""
+def _flag_of(key: str) -> str:
+  return _FLAG.get(key) or (f"--{key}" if key in _TOP_LEVEL_FLAGS else f"--config ({key})")
+
+
+def config_differences(saved: dict, now: dict, harmless: frozenset | set = frozenset(_HARMLESS),
+                       flag_of: Callable[[str], str] = _flag_of) -> list[str]:
+  """`--flag: saved X, now Y` for each trajectory-changing setting that differs (not in `harmless`)."""
   a, b = _flat(saved), _flat(now)
-  out = []
-  for key in sorted(set(a) | set(b)):
-    if key in _HARMLESS or a.get(key) == b.get(key):
-      continue
-    flag = _FLAG.get(key) or (f"--{key}" if key in _TOP_LEVEL_FLAGS else f"--config ({key})")
-    out.append(f"{flag}: saved {a.get(key)}, now {b.get(key)}")
-  return out
+  return [f"{flag_of(key)}: saved {a.get(key)}, now {b.get(key)}" for key in sorted(set(a) | set(b))
+          if key not in harmless and a.get(key) != b.get(key)]
 
 
-def _check_and_save_config(run: RunConfig, model_cfg: ModelConfig, run_dir: epath.Path,
-                           resuming: bool) -> None:
-  """On resume, compare with the config saved beside the checkpoints; then (process 0) save this one and
-  the model it trains (`model_config.json`: its shape may come from the tokenizer or --init_from)."""
+def check_and_save_config(cfg: Any, model_cfg: ModelConfig, run_dir: epath.Path, resuming: bool,
+                          harmless: frozenset | set = frozenset(_HARMLESS),
+                          flag_of: Callable[[str], str] = _flag_of) -> None:
+  """On resume, compare `cfg` (a run config with run_dir and allow_config_change: pretraining's, or
+  post-training's with its own `harmless` and `flag_of`) with the one saved beside the checkpoints; then
+  (process 0) save it and the model it trains (`model_config.json`: its shape may come from the tokenizer
+  or --init_from)."""
   path = run_dir / CONFIG_FILE
-  now = _as_json(run)
+  now = _as_json(cfg)
   if resuming and path.exists():
-    diffs = config_differences(json.loads(path.read_text()), now)
-    if diffs and not run.allow_config_change:
-      raise ConfigError(f"--run_dir={run.run_dir} holds a run with other settings: {'; '.join(diffs)}. "
+    diffs = config_differences(json.loads(path.read_text()), now, harmless, flag_of)
+    if diffs and not cfg.allow_config_change:
+      raise ConfigError(f"--run_dir={cfg.run_dir} holds a run with other settings: {'; '.join(diffs)}. "
                         "Rerun with the saved values, or pass --allow_config_change to continue anyway.")
     if diffs:
       print(f"config changed on resume (--allow_config_change): {'; '.join(diffs)}", flush=True)
@@ -346,7 +349,7 @@ def _reporting_compile(train_step, model_cfg: ModelConfig, mesh, log: reporting.
 def _train(run, ckpt, model_cfg, mesh, stages, stage_of, train_iterator, eval_ds, tok, run_dir) -> dict:
   nproc, pid = jax.process_count(), jax.process_index()
   latest = ckpt.latest_step()
-  _check_and_save_config(run, model_cfg, run_dir, resuming=latest is not None)
+  check_and_save_config(run, model_cfg, run_dir, resuming=latest is not None)
   if latest is not None:
     # One stream for every stage: the stage only fixes the row shape the restored position continues in.
     stage = stage_of(max(latest - 1, 0))
