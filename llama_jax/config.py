@@ -65,7 +65,7 @@ class ModelConfig:
   attention_impl: AttentionImpl = "auto"
   attention_block_size: int = 512  # queries × keys per block of attention_impl="blockwise" or "splash"
   # Positions per chunk of the output layer + cross-entropy (training/losses.py): fp32 logits exist for
-  # [B, loss_chunk, V] at a time, never [B, T, V]; a chunk's are recomputed in the backward pass.
+  # [B, loss_chunk, V] at a time, never [B, T, V]; their gradient is taken in the same pass.
   loss_chunk: int = 1024
   head: Head = "lm"
 

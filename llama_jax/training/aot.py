@@ -12,7 +12,9 @@ an all-gather's result, a reduce-scatter's or all-reduce's operand. A ring moves
 device for an all-gather or reduce-scatter over n devices and 2(n−1)/n for an all-reduce (`wire_bytes`).
 Under this convention FSDP (fsdp = n, tensor = t) costs per step:
   all-gather      2·P/t  (every weight before its forward and again for its backward; the input
-                  embedding only once: the backward of a lookup reads no weights) × grad_accum_steps
+                  embedding and the output layer only once: the backward of a lookup reads no
+                  weights, and the loss takes the output layer's gradients in its forward pass)
+                  × grad_accum_steps
   reduce(-scatter) G/t   (each gradient once; XLA's CPU backend emits an all-reduce, TPU/GPU a
                   reduce-scatter or an all-reduce of the same array) × grad_accum_steps
 with P and G the bytes of all parameters and gradients in param_dtype. Tensor parallelism adds
@@ -414,10 +416,11 @@ def expected(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, mesh: Mesh, batch
   p = n * itemsize
   embed = model_cfg.vocab_size * model_cfg.dim * wire
   a = opt_cfg.grad_accum_steps
-  # Every weight is gathered for the forward and again for the backward, the input embedding once (its
-  # lookup needs no gather in the backward). The output layer once more: the chunked loss
-  # (training/losses.py) recomputes each chunk's logits in the backward, which gathers its weight again.
-  gathered = (2 * n * wire - (0 if model_cfg.tie_embeddings else embed) + embed) / t if f > 1 else 0.0
+  # Every weight is gathered for the forward and again for the backward, but the input embedding and
+  # the output layer once: the backward of a lookup reads no weights, and the loss
+  # (training/losses.py) takes the output layer's gradients in its forward pass. A tied table is
+  # gathered once for both.
+  gathered = (2 * n * wire - (1 if model_cfg.tie_embeddings else 2) * embed) / t if f > 1 else 0.0
   reduced = n * wire / t if dp > 1 else 0.0
   per_layer = 6 if model_cfg.remat_policy != "none" else 4
   act = (batch_size // (dp * a)) * (seq_len // cp) * model_cfg.dim * jnp.dtype(model_cfg.dtype).itemsize

@@ -5,7 +5,8 @@ loss (and gradient) by the total count once and reports each aux sum as a metric
 DPO differ by this function and the data, never by a branch in the train step.
 
 Next-token losses take the model's final hidden states and apply the output layer themselves, a chunk of
-positions at a time (`chunked_cross_entropy`), so no [B, T, V] fp32 logits are ever held; the plain
+positions at a time, taking its gradient in the same pass (`chunked_cross_entropy`), so no [B, T, V] fp32
+logits are ever held and none are recomputed; the plain
 `cross_entropy` of the whole logits is their oracle (`pretrain_loss_reference`).
 """
 
@@ -45,9 +46,14 @@ def chunked_cross_entropy(x_BTD: Float[Array, "B T D"], w_out: Float[Array, "...
                           targets_BT: Int[Array, "B T"], mask_BT: Num[Array, "B T"],
                           ) -> tuple[Float[Array, ""], Float[Array, ""]]:
   """`cross_entropy(output_logits(x_BTD, w_out, config), targets_BT, mask_BT)`, but the fp32 logits
-  exist for at most config.loss_chunk positions of every row at a time: a scan over chunks applies the
-  output layer and the cross-entropy to one chunk, and each chunk is rematerialized (jax.checkpoint), so
-  the backward pass recomputes its logits instead of keeping [B, T, V] of them.
+  exist for at most config.loss_chunk positions of every row at a time, and never in the backward pass.
+
+  A scan over chunks applies the output layer and the cross-entropy to one chunk. Under differentiation
+  (`_fused_output_loss`, a custom_vjp) the same pass also takes the gradient while the chunk's logits are
+  at hand: d loss / d logits = (softmax − one-hot) · mask, then d x = that · W and d W += xᵀ · that. The
+  backward pass only scales them by the incoming cotangent: the output layer costs its three matmuls
+  (no recomputed logits) and one pass over each chunk's [B, c, V] instead of the several that autodiff
+  through softmax and its transposed copies make.
 
   Chunk j holds positions j, j + n, j + 2n, ... (n chunks; T padded up to a multiple of n, the padding
   masked out): taking strided positions keeps every chunk spread over the `context` devices that split T,
@@ -64,19 +70,59 @@ def chunked_cross_entropy(x_BTD: Float[Array, "B T D"], w_out: Float[Array, "...
   chunks = lambda a: jnp.moveaxis(a.reshape(b, c, n, *a.shape[2:]), 2, 0)
   x_nBcD = nn.with_logical_constraint(chunks(x_BTD), (None, "act_batch", "act_seq", "act_embed"))
   targets_nBc, mask_nBc = (nn.with_logical_constraint(chunks(a), (None, "act_batch", "act_seq"))
-                           for a in (targets_BT, mask_BT))
+                           for a in (targets_BT, mask_BT.astype(jnp.float32)))
+  return _fused_output_loss(config, x_nBcD, w_out, targets_nBc, mask_nBc), jnp.sum(mask_nBc)
 
-  # Saves nothing but its inputs (a chunk of x, the weight): the backward pass recomputes the chunk's
-  # logits. (No CSE barrier needed inside a scan: XLA cannot merge the recomputation with the forward.)
-  @functools.partial(jax.checkpoint, prevent_cse=False)
-  def chunk_loss(w, x_BcD, targets_Bc, mask_Bc):
-    return cross_entropy(transformer.output_logits(x_BcD, w, config), targets_Bc, mask_Bc)
 
-  def add(total, chunk):
-    return jax.tree.map(jnp.add, total, chunk_loss(w_out, *chunk)), None
+def _output_loss_scan(config: ModelConfig, x_nBcD, w_out, targets_nBc, mask_nBc, with_grads: bool):
+  """loss sum over the chunks, and with_grads: (d loss/d x_nBcD, d loss/d w_out in fp32)."""
+  w = w_out.astype(config.dtype)
+  tied = config.tie_embeddings  # w: [V, D] tied (the embedding table), else [D, V]
+  dx_spec, dw_spec = ("BcV,VD->BcD", "BcV,BcD->VD") if tied else ("BcV,DV->BcD", "BcV,BcD->DV")
+
+  def chunk(carry, inputs):
+    loss, dw = carry
+    x_BcD, targets_Bc, mask_Bc = inputs
+    logits_BcV = transformer.output_logits(x_BcD, w, config)  # fp32
+    logz_Bc = jax.nn.logsumexp(logits_BcV, axis=-1)
+    # A masked sum, not take_along_axis: with V over `tensor` it reduces locally (see cross_entropy).
+    hit_BcV = jnp.arange(logits_BcV.shape[-1]) == targets_Bc[..., None]
+    target_logit_Bc = jnp.sum(jnp.where(hit_BcV, logits_BcV, 0.0), axis=-1)
+    loss = loss + jnp.sum((logz_Bc - target_logit_Bc) * mask_Bc)
+    if not with_grads:
+      return (loss, dw), None
+    dlogits_BcV = (jnp.exp(logits_BcV - logz_Bc[..., None]) - hit_BcV) * mask_Bc[..., None]
+    dlogits_BcV = nn.with_logical_constraint(dlogits_BcV.astype(config.dtype),
+                                             ("act_batch", "act_seq", "act_vocab"))
+    dx_BcD = jnp.einsum(dx_spec, dlogits_BcV, w, preferred_element_type=jnp.float32).astype(x_BcD.dtype)
+    dw = dw + jnp.einsum(dw_spec, dlogits_BcV, x_BcD, preferred_element_type=jnp.float32)
+    return (loss, dw), dx_BcD
 
   zero = jnp.zeros((), jnp.float32)
-  return jax.lax.scan(add, (zero, zero), (x_nBcD, targets_nBc, mask_nBc))[0]
+  dw0 = jnp.zeros(w.shape, jnp.float32) if with_grads else zero
+  (loss, dw), dx_nBcD = jax.lax.scan(chunk, (zero, dw0), (x_nBcD, targets_nBc, mask_nBc))
+  return loss, dx_nBcD, dw
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _fused_output_loss(config, x_nBcD, w_out, targets_nBc, mask_nBc):
+  """Σ mask · NLL of the output layer on chunked hidden states (no gradient work when not differentiated)."""
+  return _output_loss_scan(config, x_nBcD, w_out, targets_nBc, mask_nBc, with_grads=False)[0]
+
+
+def _fused_output_loss_fwd(config, x_nBcD, w_out, targets_nBc, mask_nBc):
+  loss, dx_nBcD, dw = _output_loss_scan(config, x_nBcD, w_out, targets_nBc, mask_nBc, with_grads=True)
+  return loss, (dx_nBcD, dw.astype(w_out.dtype))
+
+
+def _fused_output_loss_bwd(config, residuals, g):
+  del config
+  dx_nBcD, dw = residuals
+  # Targets and mask are data: no cotangent.
+  return (g.astype(dx_nBcD.dtype) * dx_nBcD, g.astype(dw.dtype) * dw, None, None)
+
+
+_fused_output_loss.defvjp(_fused_output_loss_fwd, _fused_output_loss_bwd)
 
 
 def _model_inputs(batch: Batch) -> tuple[tuple, dict]:

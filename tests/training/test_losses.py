@@ -164,3 +164,26 @@ def test_chunked_loss_gradient_does_not_hold_the_logits():
 def test_loss_chunk_must_be_positive():
   with pytest.raises(C.ConfigError, match=r"ModelConfig.loss_chunk: must be a positive integer, got 0"):
     dataclasses.replace(C.TINY, loss_chunk=0)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_output_layer_matmuls_run_once_each(tied):
+  """The loss's gradient costs the output layer's three matmuls (logits, d x, d W) and no recomputed
+  logits; the loss alone (evaluation) costs one. Counted in the compiled HLO (profiling.hlo_ops: each
+  instruction once, so one chunk's worth of the scan over chunks), with chunks and padding (T = 10,
+  chunk 4: 3 chunks of 4, 2 padded positions)."""
+  from llama_jax.training import profiling
+  b, t, d, v = 2, 10, 8, 64
+  cfg = dataclasses.replace(C.TINY, vocab_size=v, dim=d, loss_chunk=4, tie_embeddings=tied)
+  x = jnp.ones((b, t, d))
+  w = jnp.ones((v, d) if tied else (d, v))
+  targets, mask = jnp.zeros((b, t), jnp.int32), jnp.ones((b, t), jnp.int32)
+  loss = lambda x, w: losses.chunked_cross_entropy(x, w, cfg, targets, mask)[0]
+  one = 2 * b * 4 * d * v  # one chunk of 4 positions
+
+  def matmul_flops(f):
+    ops = profiling.hlo_ops(jax.jit(f).lower(x, w).compile().as_text())
+    return sum(op.flops for op in ops.values())
+
+  assert matmul_flops(loss) == one
+  assert matmul_flops(jax.value_and_grad(loss, argnums=(0, 1))) == 3 * one  # as the train step
