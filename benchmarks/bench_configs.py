@@ -1,6 +1,8 @@
 """The models the benchmarks run, by name: (ModelConfig, global batch, sequence length), float32.
 
-  tiny  the `tiny` preset (what the suite and the default run.sh run use), 8 × 256
+  tiny  the `tiny` preset (what most of the suite runs), 8 × 256
+  small the default `bash run.sh` model (experiments/configs/pretrain.py SMALL: 4 layers, D 256, 8 / 4
+        heads, F 768, V 4096), 16 × 256 as that run
   45m   the peer comparison's Llama-3-shaped model: 4 layers, D 512, 8 query / 4 KV heads (H 64),
         F 1536, V 32000, untied — 45.4M parameters, 8 × 512. Its output layer holds 36% of the weights
         and more than half the matmul FLOPs, as in small real models (Llama 3.2 1B: 21% of the weights).
@@ -14,9 +16,12 @@ from llama_jax import config as C
 
 CONFIGS = {
     "tiny": (C.TINY, 8, 256),
+    "small": (dataclasses.replace(C.LLAMA31_8B, vocab_size=4096, dim=256, num_layers=4, num_heads=8,
+                                  num_kv_heads=4, head_dim=32, mlp_dim=768, max_seq_len=8192,
+                                  scan_layers=False), 16, 256),
     "45m": (dataclasses.replace(C.LLAMA31_8B, vocab_size=32_000, dim=512, num_layers=4, num_heads=8,
                                 num_kv_heads=4, head_dim=64, mlp_dim=1536, max_seq_len=2048,
-                                tie_embeddings=False), 8, 512),
+                                tie_embeddings=False, scan_layers=False), 8, 512),
     "100m": (dataclasses.replace(C.LLAMA32_1B, vocab_size=32_000, dim=768, num_layers=12, num_heads=12,
                                  num_kv_heads=4, head_dim=64, mlp_dim=2048, max_seq_len=2048), 4, 256),
 }

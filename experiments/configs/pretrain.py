@@ -12,8 +12,9 @@ from llama_jax.training import optim
 from llama_jax.training.pretrain import RunConfig
 
 # A Llama 3.1 8B with every size shrunk: same RoPE (theta 5e5, factor-8 scaling), eps, GQA ratio 2.
+# Four layers run unrolled (train step 0.93x of the scanned one; benchmarks/bench_configs.py "small").
 SMALL = dataclasses.replace(config.LLAMA31_8B, vocab_size=4096, dim=256, num_layers=4, num_heads=8,
-                            num_kv_heads=4, head_dim=32, mlp_dim=768, max_seq_len=8192)
+                            num_kv_heads=4, head_dim=32, mlp_dim=768, max_seq_len=8192, scan_layers=False)
 
 CONFIGS = {
     "default": RunConfig(

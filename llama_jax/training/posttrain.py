@@ -130,7 +130,8 @@ class PostTrainConfig:
 _HARMLESS = {"run_dir", "steps", "mesh_data", "mesh_fsdp", "mesh_tensor", "init_from", "log_every",
              "eval_every", "eval_batches", "eval_files", "checkpoint_every", "keep_checkpoints",
              "max_bad_steps", "allow_config_change", "compilation_cache_dir", "optim.grad_accum_steps",
-             "model.remat_policy", "model.attention_impl", "model.loss_chunk"}
+             "model.remat_policy", "model.attention_impl", "model.loss_chunk",
+             "model.scan_layers", "model.attention_block_size"}
 _FLAG = {"optim.peak_lr": "--lr", "optim.final_lr": "--final_lr", "optim.total_steps": "--steps",
          "optim.warmup_steps": "--warmup_steps", "model.dtype": "--dtype", "dpo_variant": "--dpo_variant"}
 

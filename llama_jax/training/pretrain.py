@@ -115,7 +115,8 @@ _HARMLESS = {"run_dir", "steps", "mesh_data", "mesh_fsdp", "mesh_context", "mesh
              "max_bad_steps", "allow_config_change", "data_dir", "sample_prompts", "sample_tokens",
              "profile_steps", "compilation_cache_dir",
              # The same math, other memory/compute trade-offs:
-             "optim.grad_accum_steps", "model.remat_policy", "model.attention_impl", "model.loss_chunk"}
+             "optim.grad_accum_steps", "model.remat_policy", "model.attention_impl", "model.loss_chunk",
+             "model.scan_layers", "model.attention_block_size"}
 # The flag that sets a field, where it is not --<field>.
 _FLAG = {"optim.peak_lr": "--lr", "optim.final_lr": "--final_lr", "optim.total_steps": "--steps",
          "optim.warmup_steps": "--warmup_steps", "model.dtype": "--dtype"}

@@ -69,7 +69,10 @@ def _to_llama_cpp(w, n_head):
 
 
 # ----------------------------------------------------------------------------- tiny written files
-CFG = dataclasses.replace(C.TINY, rope_scaling=None, rope_theta=100_000.0, max_seq_len=4096)  # K=2, G=2
+# K=2, G=2. A GGUF file holds the model, not how to run it: the loader keeps ModelConfig's execution
+# defaults (scan_layers), which the tiny preset does not use.
+CFG = dataclasses.replace(C.TINY, rope_scaling=None, rope_theta=100_000.0, max_seq_len=4096,
+                          scan_layers=C.ModelConfig.scan_layers)
 # One tensor kind per type, so every type carries a different role (untied: output.weight too).
 TYPES = {"token_embd": Q.Q8_0, "attn_q": Q.F16, "attn_k": Q.BF16, "attn_v": Q.Q4_0, "attn_output": Q.Q4_1,
          "ffn_gate": Q.Q5_0, "ffn_up": Q.Q5_1, "ffn_down": Q.Q8_0, "output": Q.Q4_0}

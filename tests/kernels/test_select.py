@@ -1,5 +1,6 @@
-"""attention_impl='auto' picks the kernel of the backend (splash on TPU, cuDNN on GPU, einsum on CPU),
-blockwise where that kernel cannot take the attention; an explicit choice overrides it."""
+"""attention_impl='auto' picks the kernel of the backend (splash on TPU, cuDNN on GPU, on CPU blockwise
+past CPU_BLOCK positions and einsum below), blockwise where that kernel cannot take the attention; an
+explicit choice overrides it."""
 
 import dataclasses
 
@@ -27,8 +28,9 @@ ROWS = MaskInfo.self_attention(row_index_BT=jnp.zeros((1, 256), jnp.int32))  # t
     ("gpu", jnp.float32, 256, CAUSAL, "blockwise"),  # cuDNN flash attention takes no float32
     ("gpu", jnp.bfloat16, 256, ROWS, "blockwise"),
     ("gpu", jnp.bfloat16, 256, DOCS, "blockwise"),  # packed layout needs Hopper; this host has no CUDA
-    ("cpu", jnp.bfloat16, 256, CAUSAL, "einsum"),
-    ("cpu", jnp.float32, 256, DOCS, "einsum"),
+    ("cpu", jnp.bfloat16, 256, CAUSAL, "blockwise"),
+    ("cpu", jnp.float32, 256, DOCS, "blockwise"),
+    ("cpu", jnp.float32, 64, CAUSAL, "einsum"),  # one CPU block: no loops
 ])
 def test_auto_by_backend(backend, dtype, t, info, want):
   assert A.resolve("auto", backend, dtype, t, t, info) == want
@@ -47,13 +49,18 @@ def test_explicit_choice_overrides(impl):
 
 
 def test_auto_is_the_default_and_is_the_oracle_on_cpu(monkeypatch):
-  """ModelConfig defaults to 'auto'; here (CPU) it computes exactly the einsum oracle; with the backend
+  """ModelConfig defaults to 'auto'; here (CPU) it computes exactly the einsum oracle up to one block
+  and exactly blockwise in CPU_BLOCK blocks past it (whatever block_size says); with the backend
   reported as TPU the same call goes to splash."""
   assert C.ModelConfig().attention_impl == "auto"
   rng = np.random.default_rng(0)
   q = jnp.asarray(rng.standard_normal((1, 128, 1, 2, 16)), jnp.float32)
   k, v = (jnp.asarray(rng.standard_normal((1, 128, 1, 16)), jnp.float32) for _ in range(2))
-  np.testing.assert_array_equal(A.attention(q, k, v, CAUSAL, "auto"), A.attention(q, k, v, CAUSAL, "einsum"))
+  short = lambda x: x[:, :A.CPU_BLOCK]
+  np.testing.assert_array_equal(A.attention(short(q), short(k), short(v), CAUSAL, "auto"),
+                                A.attention(short(q), short(k), short(v), CAUSAL, "einsum"))
+  np.testing.assert_array_equal(A.attention(q, k, v, CAUSAL, "auto", block_size=512),
+                                A.attention(q, k, v, CAUSAL, "blockwise", block_size=A.CPU_BLOCK))
   called = []
   monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
   monkeypatch.setattr(A.splash, "splash_attention", lambda *a: called.append(True) or a[0])

@@ -89,8 +89,8 @@ def _assert_tree_close(a, b, tol=1e-6):
 
 
 @pytest.mark.parametrize("variant", [
-    dict(scan_layers=False), dict(remat_policy="full"), dict(remat_policy="dots_saveable"),
-    dict(attention_impl="xla")], ids=["unrolled", "remat_full", "remat_dots", "attention_xla"])
+    dict(scan_layers=not CFG.scan_layers), dict(remat_policy="full"), dict(remat_policy="dots_saveable"),
+    dict(attention_impl="xla")], ids=["scan_vs_unrolled", "remat_full", "remat_dots", "attention_xla"])
 def test_alternative_paths_equal_plain(params, tokens, variant):
   ref = _loss_and_grads(CFG, params, tokens)
   _assert_tree_close(_loss_and_grads(dataclasses.replace(CFG, **variant), params, tokens), ref)
