@@ -40,6 +40,8 @@ _BATCH = flags.DEFINE_integer("batch_size", 8, "Global batch (sequences), on one
 _SEQ = flags.DEFINE_integer("seq_len", 512, "Tokens per sequence.")
 _VENV = flags.DEFINE_string("maxtext_venv", os.path.expanduser("~/.cache/llama_jax/maxtext-venv"),
                             "Virtualenv holding maxtext==0.2.5 (make it with benchmarks/vs_maxtext_setup.sh).")
+_MODEL = flags.DEFINE_enum("model", "compare", ["compare", "tiny"],
+                           "compare: the ~45M model above; tiny: a 2-layer D=64 one for smoke tests.")
 _SIDE = flags.DEFINE_enum("side", "both", ["both", "llama_jax", "maxtext"],
                           "Run both sides alternately, or one side once (llama_jax prints one JSON line).")
 
@@ -47,6 +49,8 @@ _SIDE = flags.DEFINE_enum("side", "both", ["both", "llama_jax", "maxtext"],
 CONFIG = dataclasses.replace(C.LLAMA3_8B, vocab_size=32_000, dim=512, num_layers=4, num_heads=8,
                              num_kv_heads=4, head_dim=64, mlp_dim=1536, max_seq_len=2048, dtype="float32",
                              param_dtype="float32", scan_layers=True, remat_policy="none")
+TINY = dataclasses.replace(CONFIG, vocab_size=256, dim=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                           head_dim=16, mlp_dim=128)
 _LLAMA_JAX_TAG = "VS_MAXTEXT_LLAMA_JAX "
 _MAXTEXT_STEP = re.compile(
     r"completed step: (?P<step>\d+), seconds: (?P<seconds>[\d.]+), TFLOP/s/device: (?P<tflops>[\d.]+), "
@@ -66,6 +70,9 @@ def maxtext_args(cfg, batch_size, seq_len, steps, run_name, out_dir):
       "hardware=cpu", "skip_jax_distributed_system=true",
       "dataset_type=synthetic", f"steps={steps}", f"per_device_batch_size={batch_size}",
       f"max_target_length={seq_len}", "enable_checkpointing=false", "enable_tensorboard=false",
+      # With XLA_FLAGS unset MaxText sets it to dump the train step's HLO, dump_hlo=false or not
+      # (types.py, validate_and_set_hlo_dump_defaults); keep the dump with the logs, not in /tmp/xla_dump.
+      f"dump_hlo_local_dir={os.path.join(out_dir, 'xla_dump')}",
       # The model.
       "decoder_block=llama2", f"base_num_decoder_layers={cfg.num_layers}", f"base_emb_dim={cfg.dim}",
       f"base_num_query_heads={cfg.num_heads}", f"base_num_kv_heads={cfg.num_kv_heads}",
@@ -114,7 +121,8 @@ def _run_llama_jax():
   # The child imports the llama_jax this script imported, and train_setup next to it.
   root = os.path.dirname(os.path.dirname(os.path.abspath(C.__file__)))
   env["PYTHONPATH"] = os.pathsep.join([root, here] + [p for p in [env.get("PYTHONPATH")] if p])
-  cmd = [sys.executable, os.path.abspath(__file__), "--side=llama_jax", f"--steps={_STEPS.value}",
+  cmd = [sys.executable, os.path.abspath(__file__), "--side=llama_jax", f"--model={_MODEL.value}",
+         f"--steps={_STEPS.value}", f"--warmup={_WARMUP.value}",
          f"--batch_size={_BATCH.value}", f"--seq_len={_SEQ.value}"]
   out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
   lines = [l for l in out.stdout.splitlines() if l.startswith(_LLAMA_JAX_TAG)]
@@ -135,7 +143,7 @@ def _run_maxtext(run_name, out_dir):
   env = dict(os.environ, DECOUPLE_GCLOUD="TRUE", JAX_PLATFORMS="cpu")
   env.pop("PYTHONPATH", None)
   cmd = [python, "-m", "maxtext.trainers.pre_train.train", base_yml,
-         *maxtext_args(CONFIG, _BATCH.value, _SEQ.value, _STEPS.value, run_name, out_dir)]
+         *maxtext_args(_config(), _BATCH.value, _SEQ.value, _STEPS.value, run_name, out_dir)]
   log_path = os.path.join(out_dir, f"{run_name}.log")
   with open(log_path, "w") as log:
     rc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=out_dir, check=False).returncode
@@ -145,6 +153,10 @@ def _run_maxtext(run_name, out_dir):
     raise RuntimeError(f"MaxText failed (rc {rc}, {len(steps)} of {_STEPS.value} steps logged; log {log_path}):"
                        f"\n{text[-3000:]}")
   return dict(step_s=[s["seconds"] for s in steps], loss=steps[-1]["loss"], jax=jax_version)
+
+
+def _config():
+  return CONFIG if _MODEL.value == "compare" else TINY
 
 
 def _median_after_warmup(times):
@@ -157,7 +169,7 @@ def main(argv):
     raise app.UsageError(f"--steps={_STEPS.value} must exceed --warmup={_WARMUP.value}.")
   if _SIDE.value == "llama_jax":
     import jax  # pylint: disable=import-outside-toplevel
-    times, loss = llama_jax_steps(CONFIG, _BATCH.value, _SEQ.value, _STEPS.value)
+    times, loss = llama_jax_steps(_config(), _BATCH.value, _SEQ.value, _STEPS.value)
     print(_LLAMA_JAX_TAG + json.dumps(dict(step_s=times, loss=loss, jax=jax.__version__)), flush=True)
     return
 
@@ -168,7 +180,7 @@ def main(argv):
     print(f"MaxText step {_median_after_warmup(r['step_s']):.3f} s (steps {r['step_s']}), log in {out_dir}")
     return
 
-  c = CONFIG
+  c = _config()
   print(f"model: {c.param_count() / 1e6:.1f}M params, L={c.num_layers} D={c.dim} N={c.num_heads} K={c.num_kv_heads} "
         f"H={c.head_dim} F={c.mlp_dim} V={c.vocab_size}, untied, rope_theta={c.rope_theta:g}; "
         f"batch {_BATCH.value} x {_SEQ.value}, fp32 params and compute, scanned layers, no remat, AdamW, "
