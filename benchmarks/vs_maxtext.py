@@ -6,8 +6,8 @@
 
 The model is a ~45M-parameter Llama 3 (4 layers, D=512, 8 query / 4 KV heads of 64, F=1536, V=32000,
 untied embeddings, RoPE theta 500000, no RoPE scaling): params and compute in float32, default matmul
-precision, layers scanned, no rematerialization, AdamW with global-norm clipping 1.0, one device, batch 8
-× 512 tokens of random ids. The MaxText flags are derived from the same ModelConfig (maxtext_args).
+precision, layers unrolled and no rematerialization on either side (--scan_layers: see there), AdamW with
+global-norm clipping 1.0, one device, batch 8 × 512 tokens of random ids. The MaxText flags are derived from the same ModelConfig (maxtext_args).
 
 Each side runs in its own process: llama_jax with this interpreter (this script with --side=llama_jax),
 MaxText as `python -m maxtext.trainers.pre_train.train` from --maxtext_venv. A side's step time is the
@@ -42,13 +42,17 @@ _VENV = flags.DEFINE_string("maxtext_venv", os.path.expanduser("~/.cache/llama_j
                             "Virtualenv holding maxtext==0.2.5 (make it with benchmarks/vs_maxtext_setup.sh).")
 _MODEL = flags.DEFINE_enum("model", "compare", ["compare", "tiny"],
                            "compare: the ~45M model above; tiny: a 2-layer D=64 one for smoke tests.")
+_SCAN = flags.DEFINE_bool(
+    "scan_layers", False, "Scan the layers on both sides. MaxText then rematerializes each layer "
+    "(its scanned body is always inside jax.checkpoint; remat_policy=none there means save nothing), so it "
+    "gets minimal_with_context, its closest policy to none. Off: both unrolled, neither rematerializes.")
 _SIDE = flags.DEFINE_enum("side", "both", ["both", "llama_jax", "maxtext"],
                           "Run both sides alternately, or one side once (llama_jax prints one JSON line).")
 
 # The comparison model: Llama 3 (no RoPE scaling) at ~45M parameters.
 CONFIG = dataclasses.replace(C.LLAMA3_8B, vocab_size=32_000, dim=512, num_layers=4, num_heads=8,
                              num_kv_heads=4, head_dim=64, mlp_dim=1536, max_seq_len=2048, dtype="float32",
-                             param_dtype="float32", scan_layers=True, remat_policy="none")
+                             param_dtype="float32", scan_layers=False, remat_policy="none")
 TINY = dataclasses.replace(CONFIG, vocab_size=256, dim=64, num_layers=2, num_heads=4, num_kv_heads=2,
                            head_dim=16, mlp_dim=128)
 _LLAMA_JAX_TAG = "VS_MAXTEXT_LLAMA_JAX "
@@ -79,15 +83,25 @@ def maxtext_args(cfg, batch_size, seq_len, steps, run_name, out_dir):
       f"head_dim={cfg.head_dim}", f"base_mlp_dim={cfg.mlp_dim}", f"vocab_size={cfg.vocab_size}",
       f"logits_via_embedding={str(cfg.tie_embeddings).lower()}", f"normalization_layer_epsilon={cfg.norm_eps}",
       f"rope_max_timescale={int(cfg.rope_theta)}", "rope_type=default", "enable_dropout=false",
-      # Numerics and execution: fp32 weights and compute, plain attention, scanned layers, no remat
-      # ('none' is outside its documented list but types.py takes any string and the decoder skips
-      # jax.checkpoint for it; base.yml's default is 'full').
+      # Numerics and execution: fp32 weights and compute, plain attention.
       f"dtype={cfg.dtype}", f"weight_dtype={cfg.param_dtype}", "matmul_precision=default",
-      "attention=dot_product", f"scan_layers={str(cfg.scan_layers).lower()}", f"remat_policy={cfg.remat_policy}",
+      "attention=dot_product", f"scan_layers={str(cfg.scan_layers).lower()}", f"remat_policy={_remat(cfg)}",
       # The optimizer: ours (AdamW after clipping the global norm).
       "opt_type=adamw", f"adam_b1={opt.b1}", f"adam_b2={opt.b2}", f"adam_eps={opt.eps}",
       f"adam_weight_decay={opt.weight_decay}", f"gradient_clipping_threshold={opt.clip_norm}",
   ]
+
+
+def _remat(cfg):
+  """MaxText's remat_policy for ours. base.yml's default is 'full'. 'none' is outside its documented list,
+  but types.py takes any string and the unrolled decoder (layers/nnx_decoders.py) then calls each layer
+  without jax.checkpoint. The scanned decoder always wraps the scanned body in jax.checkpoint with the
+  policy, and 'none' gives policy None, i.e. save nothing: full remat. So with scanned layers we give it
+  'minimal_with_context', which saves every projection and the attention context and recomputes only
+  norms, RoPE, SiLU and the attention scores and softmax."""
+  if cfg.remat_policy != "none":
+    raise ValueError(f"maxtext_args: only remat_policy='none' is mapped, got {cfg.remat_policy!r}.")
+  return "minimal_with_context" if cfg.scan_layers else "none"
 
 
 def parse_maxtext_log(text):
@@ -122,6 +136,7 @@ def _run_llama_jax():
   root = os.path.dirname(os.path.dirname(os.path.abspath(C.__file__)))
   env["PYTHONPATH"] = os.pathsep.join([root, here] + [p for p in [env.get("PYTHONPATH")] if p])
   cmd = [sys.executable, os.path.abspath(__file__), "--side=llama_jax", f"--model={_MODEL.value}",
+         f"--scan_layers={str(_SCAN.value).lower()}",
          f"--steps={_STEPS.value}", f"--warmup={_WARMUP.value}",
          f"--batch_size={_BATCH.value}", f"--seq_len={_SEQ.value}"]
   out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
@@ -156,7 +171,7 @@ def _run_maxtext(run_name, out_dir):
 
 
 def _config():
-  return CONFIG if _MODEL.value == "compare" else TINY
+  return dataclasses.replace(CONFIG if _MODEL.value == "compare" else TINY, scan_layers=_SCAN.value)
 
 
 def _median_after_warmup(times):
@@ -183,8 +198,9 @@ def main(argv):
   c = _config()
   print(f"model: {c.param_count() / 1e6:.1f}M params, L={c.num_layers} D={c.dim} N={c.num_heads} K={c.num_kv_heads} "
         f"H={c.head_dim} F={c.mlp_dim} V={c.vocab_size}, untied, rope_theta={c.rope_theta:g}; "
-        f"batch {_BATCH.value} x {_SEQ.value}, fp32 params and compute, scanned layers, no remat, AdamW, "
-        "1 CPU device")
+        f"batch {_BATCH.value} x {_SEQ.value}, fp32 params and compute, AdamW, 1 CPU device")
+  print("layers " + ("scanned; llama_jax no remat, MaxText remat_policy=minimal_with_context" if c.scan_layers
+                     else "unrolled; no remat on either side (MaxText remat_policy=none)"))
   print(f"each run: {_STEPS.value} steps, median of the last {_STEPS.value - _WARMUP.value}; "
         f"MaxText logs in {out_dir}", flush=True)
   rows = []

@@ -47,7 +47,11 @@ def test_maxtext_flags_describe_the_same_model():
       4, 512, 8, 4, 64, 1536, 32_000)
   assert args["logits_via_embedding"] == "false" and not c.tie_embeddings
   assert (args["dtype"], args["weight_dtype"], args["remat_policy"], args["scan_layers"]) == (
-      "float32", "float32", "none", "true")
+      "float32", "float32", "none", "false")
+  # MaxText's scanned body is always inside jax.checkpoint; its closest policy to none is this one.
+  scanned = dict(a.split("=", 1) for a in vs.maxtext_args(
+      vs.dataclasses.replace(c, scan_layers=True), 8, 512, 10, "r", "/tmp/o"))
+  assert (scanned["scan_layers"], scanned["remat_policy"]) == ("true", "minimal_with_context")
   assert (args["per_device_batch_size"], args["max_target_length"], args["steps"]) == ("8", "512", "10")
   assert args["rope_max_timescale"] == "500000" and c.rope_scaling is None
   # MaxText counted the parameters of the model these flags built: "number parameters: 0.045 billion".
