@@ -6,8 +6,9 @@
 
 The model is a ~45M-parameter Llama 3 (4 layers, D=512, 8 query / 4 KV heads of 64, F=1536, V=32000,
 untied embeddings, RoPE theta 500000, no RoPE scaling): params and compute in float32, default matmul
-precision, layers unrolled and no rematerialization on either side (--scan_layers: see there), AdamW with
-global-norm clipping 1.0, one device, batch 8 × 512 tokens of random ids. The MaxText flags are derived from the same ModelConfig (maxtext_args).
+precision, layers scanned, AdamW with global-norm clipping 1.0, one device, batch 8 × 512 tokens of random
+ids. Rematerialization: none for llama_jax; MaxText cannot turn it off, so it gets its lightest policy,
+minimal_with_context (see _remat). The MaxText flags are derived from the same ModelConfig (maxtext_args).
 
 Each side runs in its own process: llama_jax with this interpreter (this script with --side=llama_jax),
 MaxText as `python -m maxtext.trainers.pre_train.train` from --maxtext_venv. A side's step time is the
@@ -42,17 +43,17 @@ _VENV = flags.DEFINE_string("maxtext_venv", os.path.expanduser("~/.cache/llama_j
                             "Virtualenv holding maxtext==0.2.5 (make it with benchmarks/vs_maxtext_setup.sh).")
 _MODEL = flags.DEFINE_enum("model", "compare", ["compare", "tiny"],
                            "compare: the ~45M model above; tiny: a 2-layer D=64 one for smoke tests.")
-_SCAN = flags.DEFINE_bool(
-    "scan_layers", False, "Scan the layers on both sides. MaxText then rematerializes each layer "
-    "(its scanned body is always inside jax.checkpoint; remat_policy=none there means save nothing), so it "
-    "gets minimal_with_context, its closest policy to none. Off: both unrolled, neither rematerializes.")
+_SCAN = flags.DEFINE_bool("scan_layers", True, "Scan the layers (both sides), else unroll them.")
+_OUR_PYTHON = flags.DEFINE_string(
+    "llama_jax_python", None, "Interpreter for the llama_jax side (default: this one). The MaxText venv's "
+    "runs it on MaxText's jax, to tell the code from the jax version.")
 _SIDE = flags.DEFINE_enum("side", "both", ["both", "llama_jax", "maxtext"],
                           "Run both sides alternately, or one side once (llama_jax prints one JSON line).")
 
 # The comparison model: Llama 3 (no RoPE scaling) at ~45M parameters.
 CONFIG = dataclasses.replace(C.LLAMA3_8B, vocab_size=32_000, dim=512, num_layers=4, num_heads=8,
                              num_kv_heads=4, head_dim=64, mlp_dim=1536, max_seq_len=2048, dtype="float32",
-                             param_dtype="float32", scan_layers=False, remat_policy="none")
+                             param_dtype="float32", scan_layers=True, remat_policy="none")
 TINY = dataclasses.replace(CONFIG, vocab_size=256, dim=64, num_layers=2, num_heads=4, num_kv_heads=2,
                            head_dim=16, mlp_dim=128)
 _LLAMA_JAX_TAG = "VS_MAXTEXT_LLAMA_JAX "
@@ -93,15 +94,18 @@ def maxtext_args(cfg, batch_size, seq_len, steps, run_name, out_dir):
 
 
 def _remat(cfg):
-  """MaxText's remat_policy for ours. base.yml's default is 'full'. 'none' is outside its documented list,
-  but types.py takes any string and the unrolled decoder (layers/nnx_decoders.py) then calls each layer
-  without jax.checkpoint. The scanned decoder always wraps the scanned body in jax.checkpoint with the
-  policy, and 'none' gives policy None, i.e. save nothing: full remat. So with scanned layers we give it
-  'minimal_with_context', which saves every projection and the attention context and recomputes only
-  norms, RoPE, SiLU and the attention scores and softmax."""
+  """MaxText's remat_policy closest to our 'none' (base.yml's default is 'full').
+
+  MaxText cannot turn remat off from its command line: pyconfig.py turns any value "none" into None, and
+  then its decoder (layers/nnx_decoders.py) still wraps every layer, scanned or unrolled, in
+  jax.checkpoint with policy None, which saves nothing: full remat (its `!= "none"` checks never see the
+  string). So it gets 'minimal_with_context': save every projection (q, k, v, out, both MLP inputs and
+  its output) and the attention context; the backward recomputes only the norms, RoPE, SiLU, and the
+  attention scores and softmax (~1% of the step's FLOPs here).
+  """
   if cfg.remat_policy != "none":
     raise ValueError(f"maxtext_args: only remat_policy='none' is mapped, got {cfg.remat_policy!r}.")
-  return "minimal_with_context" if cfg.scan_layers else "none"
+  return "minimal_with_context"
 
 
 def parse_maxtext_log(text):
@@ -135,7 +139,8 @@ def _run_llama_jax():
   # The child imports the llama_jax this script imported, and train_setup next to it.
   root = os.path.dirname(os.path.dirname(os.path.abspath(C.__file__)))
   env["PYTHONPATH"] = os.pathsep.join([root, here] + [p for p in [env.get("PYTHONPATH")] if p])
-  cmd = [sys.executable, os.path.abspath(__file__), "--side=llama_jax", f"--model={_MODEL.value}",
+  cmd = [_OUR_PYTHON.value or sys.executable, os.path.abspath(__file__), "--side=llama_jax",
+         f"--model={_MODEL.value}",
          f"--scan_layers={str(_SCAN.value).lower()}",
          f"--steps={_STEPS.value}", f"--warmup={_WARMUP.value}",
          f"--batch_size={_BATCH.value}", f"--seq_len={_SEQ.value}"]
@@ -199,8 +204,8 @@ def main(argv):
   print(f"model: {c.param_count() / 1e6:.1f}M params, L={c.num_layers} D={c.dim} N={c.num_heads} K={c.num_kv_heads} "
         f"H={c.head_dim} F={c.mlp_dim} V={c.vocab_size}, untied, rope_theta={c.rope_theta:g}; "
         f"batch {_BATCH.value} x {_SEQ.value}, fp32 params and compute, AdamW, 1 CPU device")
-  print("layers " + ("scanned; llama_jax no remat, MaxText remat_policy=minimal_with_context" if c.scan_layers
-                     else "unrolled; no remat on either side (MaxText remat_policy=none)"))
+  print(f"layers {'scanned' if c.scan_layers else 'unrolled'}; remat: llama_jax none, MaxText "
+        "minimal_with_context (it cannot turn remat off)")
   print(f"each run: {_STEPS.value} steps, median of the last {_STEPS.value - _WARMUP.value}; "
         f"MaxText logs in {out_dir}", flush=True)
   rows = []
@@ -212,8 +217,8 @@ def main(argv):
     print(f"pair {i + 1}: llama_jax {a:.3f} s, MaxText {b:.3f} s, ratio {b / a:.3f}", flush=True)
 
   ours, theirs = rows[0][2], rows[0][3]
-  print(f"\nllama_jax (jax {ours['jax']}, {sys.executable}) vs MaxText 0.2.5 (jax {theirs['jax']}, "
-        f"{_VENV.value})")
+  print(f"\nllama_jax (jax {ours['jax']}, {_OUR_PYTHON.value or sys.executable}) vs MaxText 0.2.5 "
+        f"(jax {theirs['jax']}, {_VENV.value})")
   head = (f"{'pair':>4} {'llama_jax s':>11} {'MaxText s':>9} {'ratio':>6} {'llama_jax tok/s':>15} "
           f"{'MaxText tok/s':>13} {'loss ours':>9} {'loss MT':>7}")
   print(head)
