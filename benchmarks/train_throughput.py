@@ -15,12 +15,12 @@ import dataclasses
 import time
 
 import jax
-import numpy as np
 from absl import app, flags
 
 from llama_jax import config as C
-from llama_jax.training import flops, optim, step as train
+from llama_jax.training import flops
 from llama_jax.parallel import sharding
+from train_setup import make_train_setup
 
 _CONFIGS = flags.DEFINE_list("configs", ["tiny", "100m"], "Which configs to run: tiny, 100m.")
 _TINY_BATCH = flags.DEFINE_integer("tiny_batch", 8, "Global batch size (sequences) for tiny.")
@@ -45,23 +45,8 @@ def _configs():
 
 
 def _bench(name, cfg, batch_size, steps, seq_len, mesh, peak, host_peak):
-  opt = optim.OptimizerConfig(warmup_steps=10, total_steps=1000)
-  train.check_batch_shape(batch_size, seq_len, cfg, opt, mesh)
-  state = train.create_train_state(cfg, opt, mesh, jax.random.key(0))
-  step_fn = train.make_train_step(cfg, opt, mesh)
-
-  rng = np.random.default_rng(0)
-  sh = sharding.batch_sharding(mesh, ndim=2)
-  ones = np.ones((batch_size, seq_len), np.int32)
-  positions = np.tile(np.arange(seq_len, dtype=np.int32), (batch_size, 1))
-
-  def batch():
-    tokens = rng.integers(0, cfg.vocab_size, (batch_size, seq_len + 1), dtype=np.int32)
-    return jax.device_put(dict(inputs=tokens[:, :-1], targets=tokens[:, 1:], segment_ids=ones,
-                               positions=positions, loss_mask=ones), sh)
-
   # Batches go to the device before the clock starts: we time the step, not the input pipeline.
-  batches = [batch() for _ in range(_WARMUP.value + steps)]
+  state, step_fn, batches = make_train_setup(cfg, batch_size, seq_len, mesh, _WARMUP.value + steps)
   start = time.perf_counter()
   for b in batches[:_WARMUP.value]:
     state, metrics = step_fn(state, b)
