@@ -6,9 +6,10 @@
 
 The model is a ~45M-parameter Llama 3 (4 layers, D=512, 8 query / 4 KV heads of 64, F=1536, V=32000,
 untied embeddings, RoPE theta 500000, no RoPE scaling): params and compute in float32, default matmul
-precision, layers scanned, AdamW with global-norm clipping 1.0, one device, batch 8 × 512 tokens of random
-ids. Rematerialization: none for llama_jax; MaxText cannot turn it off, so it gets its lightest policy,
-minimal_with_context (see _remat). The MaxText flags are derived from the same ModelConfig (maxtext_args).
+precision, AdamW with global-norm clipping 1.0, one device, batch 8 × 512 tokens of random ids. Each side
+runs the model its fastest way: llama_jax with its layers unrolled (what it picks at 4 layers:
+benchmarks/bench_configs.py) and no rematerialization; MaxText with its layers scanned (its default) and
+its lightest remat policy, minimal_with_context — it cannot turn remat off (see _remat). The MaxText flags are derived from the same ModelConfig (maxtext_args).
 
 Each side runs in its own process: llama_jax with this interpreter (this script with --side=llama_jax),
 MaxText as `python -m maxtext.trainers.pre_train.train` from --maxtext_venv. A side's step time is the
@@ -43,7 +44,8 @@ _VENV = flags.DEFINE_string("maxtext_venv", os.path.expanduser("~/.cache/llama_j
                             "Virtualenv holding maxtext==0.2.5 (make it with benchmarks/vs_maxtext_setup.sh).")
 _MODEL = flags.DEFINE_enum("model", "compare", ["compare", "tiny"],
                            "compare: the ~45M model above; tiny: a 2-layer D=64 one for smoke tests.")
-_SCAN = flags.DEFINE_bool("scan_layers", True, "Scan the layers (both sides), else unroll them.")
+_SCAN = flags.DEFINE_bool("scan_layers", False, "llama_jax side: scan the layers, else unroll them.")
+_MT_SCAN = flags.DEFINE_bool("maxtext_scan_layers", True, "MaxText side: scan the layers, else unroll them.")
 _OUR_PYTHON = flags.DEFINE_string(
     "llama_jax_python", None, "Interpreter for the llama_jax side (default: this one). The MaxText venv's "
     "runs it on MaxText's jax, to tell the code from the jax version.")
@@ -163,7 +165,8 @@ def _run_maxtext(run_name, out_dir):
   env = dict(os.environ, DECOUPLE_GCLOUD="TRUE", JAX_PLATFORMS="cpu")
   env.pop("PYTHONPATH", None)
   cmd = [python, "-m", "maxtext.trainers.pre_train.train", base_yml,
-         *maxtext_args(_config(), _BATCH.value, _SEQ.value, _STEPS.value, run_name, out_dir)]
+         *maxtext_args(dataclasses.replace(_config(), scan_layers=_MT_SCAN.value), _BATCH.value, _SEQ.value,
+                       _STEPS.value, run_name, out_dir)]
   log_path = os.path.join(out_dir, f"{run_name}.log")
   with open(log_path, "w") as log:
     rc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=out_dir, check=False).returncode
@@ -204,8 +207,9 @@ def main(argv):
   print(f"model: {c.param_count() / 1e6:.1f}M params, L={c.num_layers} D={c.dim} N={c.num_heads} K={c.num_kv_heads} "
         f"H={c.head_dim} F={c.mlp_dim} V={c.vocab_size}, untied, rope_theta={c.rope_theta:g}; "
         f"batch {_BATCH.value} x {_SEQ.value}, fp32 params and compute, AdamW, 1 CPU device")
-  print(f"layers {'scanned' if c.scan_layers else 'unrolled'}; remat: llama_jax none, MaxText "
-        "minimal_with_context (it cannot turn remat off)")
+  print(f"layers: llama_jax {'scanned' if c.scan_layers else 'unrolled'}, MaxText "
+        f"{'scanned' if _MT_SCAN.value else 'unrolled'}; remat: llama_jax none, MaxText minimal_with_context "
+        "(it cannot turn remat off)")
   print(f"each run: {_STEPS.value} steps, median of the last {_STEPS.value - _WARMUP.value}; "
         f"MaxText logs in {out_dir}", flush=True)
   rows = []
