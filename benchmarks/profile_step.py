@@ -23,9 +23,10 @@ import numpy as np
 from absl import app, flags
 
 from llama_jax.parallel import sharding
-from llama_jax.training import flops, optim, profiling, step as train
+from llama_jax.training import flops, profiling
 
 import bench_configs
+from train_setup import make_train_setup
 
 _CONFIG = flags.DEFINE_enum("config", "45m", sorted(bench_configs.CONFIGS), "Model (benchmarks/bench_configs.py).")
 _BATCH = flags.DEFINE_integer("batch", None, "Global batch (default: the config's).")
@@ -53,38 +54,26 @@ def main(argv):
   batch_size, seq_len = _BATCH.value or batch_size, _SEQ.value or seq_len
   cfg = _override(dataclasses.replace(cfg, dtype="float32"), _SET.value)
   mesh = sharding.make_mesh(fsdp=-1, devices=jax.local_devices()[:1])
-  opt = optim.OptimizerConfig(warmup_steps=10, total_steps=1000)
-  state = train.create_train_state(cfg, opt, mesh, jax.random.key(0))
-  step_fn = train.make_train_step(cfg, opt, mesh)
-
-  rng = np.random.default_rng(0)
-  ones = np.ones((batch_size, seq_len), np.int32)
-  positions = np.tile(np.arange(seq_len, dtype=np.int32), (batch_size, 1))
-
-  def batch():
-    tokens = rng.integers(0, cfg.vocab_size, (batch_size, seq_len + 1), dtype=np.int32)
-    return jax.device_put(dict(inputs=tokens[:, :-1], targets=tokens[:, 1:], segment_ids=ones,
-                               positions=positions, loss_mask=ones), sharding.batch_sharding(mesh, ndim=2))
-
+  state, step_fn, batches = make_train_setup(cfg, batch_size, seq_len, mesh,
+                                             2 + _STEPS.value + _TRACE.value)
+  # The executable compiled here (its HLO is what the trace is joined with) is the one that runs.
   with sharding.use(mesh, sharding.logical_rules(cfg, mesh)):
-    hlo = step_fn.jitted.lower(state, batch()).compile().as_text()
-  ops = profiling.hlo_ops(hlo)
+    compiled = step_fn.jitted.lower(state, batches[0]).compile()
+  ops = profiling.hlo_ops(compiled.as_text())
 
   times = []
-  for i in range(2 + _STEPS.value):
-    b = batch()
+  for i, b in enumerate(batches[:2 + _STEPS.value]):
     start = time.perf_counter()
-    state, metrics = step_fn(state, b)
+    state, metrics = compiled(state, b)
     jax.block_until_ready((state, metrics))
     if i >= 2:
       times.append(time.perf_counter() - start)
   step_s = float(np.median(times))
 
   with tempfile.TemporaryDirectory() as trace_dir:
-    batches = [batch() for _ in range(_TRACE.value)]
     with jax.profiler.trace(trace_dir):
-      for b in batches:
-        state, metrics = step_fn(state, b)
+      for b in batches[2 + _STEPS.value:]:
+        state, metrics = compiled(state, b)
       jax.block_until_ready((state, metrics))
     path = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))[-1]
     events = list(profiling.trace_events(jax.profiler.ProfileData.from_file(path)))
@@ -111,7 +100,7 @@ def main(argv):
   print("\nlargest other ops (time per step):")
   for name, r in sorted(others.items(), key=lambda kv: -kv[1].seconds)[:_TOP.value]:
     print(f"  {name:<28} {r.category:<15} {r.seconds:>7.3f} s  x{r.events:<3} {ops[name].out_bytes / 2**20:>8.1f} MiB out  {ops[name].source[:60]}")
-  print(f"\nlargest matmuls (time per step; FLOP/s of each against the peak):")
+  print("\nlargest matmuls (time per step; FLOP/s of each against the peak):")
   for name, r in sorted(per_op.items(), key=lambda kv: -kv[1].seconds)[:_TOP.value]:
     rate = r.flops / r.seconds if r.seconds else 0.0
     print(f"  {name:<22} {r.seconds:>7.3f} s  x{r.events:<3} {r.flops / 1e9:>7.1f} GFLOP  "

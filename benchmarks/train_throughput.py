@@ -17,9 +17,9 @@ import time
 import jax
 from absl import app, flags
 
-from llama_jax import config as C
 from llama_jax.training import flops
 from llama_jax.parallel import sharding
+import bench_configs
 from train_setup import make_train_setup
 
 _CONFIGS = flags.DEFINE_list("configs", ["tiny", "100m"], "Which configs to run: tiny, 100m.")
@@ -37,11 +37,9 @@ _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
 
 
 def _configs():
-  # ~100M: GPT-2-small widths on the Llama 3.2 recipe (tied embeddings, GQA, RoPE scaling 32).
-  m100 = dataclasses.replace(C.LLAMA32_1B, vocab_size=32_000, dim=768, num_layers=12, num_heads=12,
-                             num_kv_heads=4, head_dim=64, mlp_dim=2048, max_seq_len=2048)
-  return {"tiny": (C.TINY, _TINY_BATCH.value, _TINY_STEPS.value),
-          "100m": (m100, _M100_BATCH.value, _M100_STEPS.value)}
+  # The models of benchmarks/bench_configs.py (100m: GPT-2-small widths on the Llama 3.2 recipe).
+  return {"tiny": (bench_configs.CONFIGS["tiny"][0], _TINY_BATCH.value, _TINY_STEPS.value),
+          "100m": (bench_configs.CONFIGS["100m"][0], _M100_BATCH.value, _M100_STEPS.value)}
 
 
 def _bench(name, cfg, batch_size, steps, seq_len, mesh, peak, host_peak):

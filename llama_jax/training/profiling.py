@@ -14,7 +14,6 @@ executed iteration, so a scan over layers counts every layer.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import math
 import re
@@ -60,8 +59,8 @@ def _bytes(shape: str) -> int:
 
 
 def _parse(hlo_text: str):
-  """(computations: name -> [(instr, shape, opcode, rest)], shapes: instr -> shape, entry name)."""
-  comps, shapes, current, entry = {}, {}, None, None
+  """(computations: name -> [(instr, shape, opcode, rest)], shapes: instr -> shape)."""
+  comps, shapes, current = {}, {}, None
   for line in hlo_text.splitlines():
     m = _INSTR.match(line)
     if m:
@@ -74,9 +73,7 @@ def _parse(hlo_text: str):
     if c:
       current = c.group(1)
       comps[current] = []
-      if line.startswith("ENTRY"):
-        entry = current
-  return comps, shapes, entry
+  return comps, shapes
 
 
 def _dot_flops(shape: str, rest: str, shapes: dict[str, str]) -> int:
@@ -118,7 +115,7 @@ def _called(rest: str, keys=("calls", "to_apply")) -> list[str]:
 def hlo_ops(hlo_text: str) -> dict[str, Op]:
   """Every instruction that runs as its own unit (top level and inside loop/call bodies; a fusion's
   insides are part of the fusion) → its `Op`."""
-  comps, shapes, _ = _parse(hlo_text)
+  comps, shapes = _parse(hlo_text)
   # Computations that run only inside another instruction (fusions, reduce regions, wrapped ops); loop
   # bodies, conditions and branches run instruction by instruction and stay.
   fused = {c for instrs in comps.values() for _, _, _, rest in instrs for c in _called(rest)}

@@ -151,14 +151,13 @@ def accumulated_grads(model: nn.Module, loss_fn: losses.LossFn, params: Any, bat
     return f32(grads), f32(loss_sum), f32(aux)
 
   if accum == 1:  # no accumulator: zeroing and adding one fp32 copy of every gradient is two more passes
-    grads, loss_sum, aux = microbatch(batch)
-    denom = jnp.maximum(aux["tokens"], 1.0)
-    return jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, params), loss_sum, aux
-  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-  if param_shardings is not None:  # the fp32 accumulator is sharded like the params
-    zeros = jax.lax.with_sharding_constraint(zeros, param_shardings)
-  init = (zeros, jnp.zeros((), jnp.float32), _zeros_like_aux(loss_fn, model, params, batch, accum))
-  grads_sum, loss_sum, aux = _sum_microbatches(microbatch, init, batch, accum)
+    grads_sum, loss_sum, aux = microbatch(batch)
+  else:
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    if param_shardings is not None:  # the fp32 accumulator is sharded like the params
+      zeros = jax.lax.with_sharding_constraint(zeros, param_shardings)
+    init = (zeros, jnp.zeros((), jnp.float32), _zeros_like_aux(loss_fn, model, params, batch, accum))
+    grads_sum, loss_sum, aux = _sum_microbatches(microbatch, init, batch, accum)
   denom = jnp.maximum(aux["tokens"], 1.0)
   grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads_sum, params)
   return grads, loss_sum, aux
