@@ -64,7 +64,7 @@ def write_source(path: str, tokenizer, *, tokens_per_doc: int, num_docs: int, se
     chars_per_token = len(sample) / max(1, len(tokenizer.encode(sample)))  # measured on the filler
     rng = np.random.default_rng([seed % 2**32, 2])
     sizes = rng.integers(tokens_per_doc // 4, tokens_per_doc + 1, size=num_docs) * chars_per_token
-    docs = (fact_document(seed, i, filler, int(c)) for i, c in enumerate(sizes))
+    docs = (fact_document(seed, i, filler, int(c), recall=1 / 3, numbers=0.5) for i, c in enumerate(sizes))
   else:
     per_line = len(tokenizer.encode(document(seed, 0, 64, repeat))) / 65  # tokens per line, measured
     lines = max(2, int(tokens_per_doc / per_line))
@@ -85,13 +85,16 @@ NOUNS = ("code", "key", "pin", "value", "count", "password", "answer", "label", 
 
 
 def fact_document(seed: int, index: int, filler: Sequence[str], chars: int, max_facts: int = 4,
-                  recall: float = 0.5) -> str:
+                  recall: float = 0.5, numbers: float = 0.0) -> str:
   """Document `index` of the stream `seed`: a window of about `chars` characters of `filler` text with
   1..max_facts facts "The <adjective> <noun> is <number>." planted at random depths, then each asked
   back in random order: "What is the <adjective> <noun>? The <adjective> <noun> is <number>."
   With probability `recall`, the document instead asks back a whole passage: "Remember: <first half>"
   ... "Repeat: <first half>" — copying is the skill retrieval builds on, and in a passage nearly every
-  token rewards it (facts reward a few digits per question)."""
+  token rewards it (facts reward a few digits per question). With probability `numbers` (of the rest), the
+  passage is a list of random numbers instead (about as many tokens as the text passage would be): a
+  number is read back digit by digit, and copying digits after their predecessors is the mechanism (an
+  induction head) that answers the needle's question."""
   if not filler or chars < 1 or max_facts < 1:
     raise ConfigError(f"fact documents: need filler text, chars >= 1 and max_facts >= 1, got "
                       f"{len(filler)} texts, {chars}, {max_facts}.")
@@ -99,13 +102,26 @@ def fact_document(seed: int, index: int, filler: Sequence[str], chars: int, max_
   text = filler[int(rng.integers(len(filler)))]
   start = int(rng.integers(max(1, len(text) - chars)))
   window = (text * (1 + chars // max(len(text), 1)))[start: start + chars]
-  if rng.random() < recall:
+  kind = rng.random()
+  if kind < recall:
     half = window[: len(window) // 2]
     return f"Remember:\n{half}\nRepeat:\n{half}\n"
-  n = int(rng.integers(1, max_facts + 1))
+  if kind < recall + (1 - recall) * numbers:
+    listed, size = [], 0
+    while size < chars // 8:  # a digit is about one token, filler text about four characters per token
+      digits = int(rng.integers(3, 7))
+      listed.append(str(int(rng.integers(10 ** (digits - 1), 10**digits))))
+      size += len(listed[-1]) + 1
+    half = " ".join(listed)
+    return f"Remember:\n{half}\nRepeat:\n{half}\n"
+  # The facts and questions count toward `chars` (about 70 characters a fact): at most one fact per 150
+  # characters, and the filler window shrinks by what they take, so the document keeps its size.
+  n = int(rng.integers(1, max(1, min(max_facts, chars // 150)) + 1))
   subjects = [f"{ADJECTIVES[a]} {NOUNS[b]}" for a, b in
               zip(rng.choice(len(ADJECTIVES), n, replace=False), rng.choice(len(NOUNS), n, replace=False))]
   numbers = [str(int(rng.integers(10 ** (d - 1), 10**d))) for d in rng.integers(3, 7, size=n)]
+  said = sum(len(f"\nThe {s} is {x}.\n") + len(f"\nWhat is the {s}? The {s} is {x}.") for s, x in zip(subjects, numbers))
+  window = window[: max(0, chars - said)]
   cuts = sorted(int(c) for c in rng.integers(0, len(window) + 1, size=n))
   parts, prev = [], 0
   for cut, subject, number in zip(cuts, subjects, numbers):

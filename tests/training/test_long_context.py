@@ -36,6 +36,30 @@ def test_fact_documents_ask_back_their_facts():
   recall = retrieval.fact_document(5, 0, filler, chars=600, recall=1.0)
   half = recall.removeprefix("Remember:\n").split("\nRepeat:\n")[0]
   assert recall == f"Remember:\n{half}\nRepeat:\n{half}\n" and len(half) == 300
+  # Number lists: random 3..6-digit numbers to read back, about as many tokens as a text passage.
+  listed = retrieval.fact_document(5, 0, filler, chars=600, recall=0.0, numbers=1.0)
+  half = listed.removeprefix("Remember:\n").split("\nRepeat:\n")[0]
+  assert listed == f"Remember:\n{half}\nRepeat:\n{half}\n" and 75 <= len(half) <= 82
+  assert all(n.isdigit() and 3 <= len(n) <= 6 and n[0] != "0" for n in half.split(" "))
+
+
+def test_fact_sources_fit_in_their_rows(base_run, tmp_path):
+  # The packer cuts rows out of concatenated documents, so a document as long as a row is nearly always
+  # cut apart (its facts in one row, its questions in the next: nothing to retrieve). A stage's fact
+  # documents are at most half a row: most of them lie whole in one row. (Failed before: documents of up
+  # to a whole row, and number lists 4x longer than asked.)
+  from llama_jax.data import tokenizers
+  from llama_jax.training import continued
+  cfg = _extension(base_run, tmp_path / "ext", retrieval_format="facts", retrieval_docs=60)
+  st = long_context.ExtensionStage(seq_len=128, steps=1, batch_size=8)
+  run = long_context._stage_run(cfg, 0, st, continued.resolve_data(cfg.run), "orbax:unused", "unused")
+  tok = tokenizers.load_tokenizer(base_run.tokenizer)
+  docs = [json.loads(line)["text"] for line in open(run.train_files[-1])]
+  lengths = np.array([len(tok.encode(d)) for d in docs])
+  assert any(d.startswith("Remember:\n") and d[len("Remember:\n")].isdigit() for d in docs)  # number lists
+  assert np.mean(lengths <= 128 // 2 + 8) >= 0.9, lengths
+  # The chance that a document of length L starts where a row still holds it is about 1 - L/T.
+  assert np.mean(1 - lengths / 128) >= 0.6, lengths
 
 
 def test_retrieval_documents_are_well_formed_and_deterministic():
