@@ -119,15 +119,16 @@ def fact_document(seed: int, index: int, filler: Sequence[str], chars: int, max_
   n = int(rng.integers(1, max(1, min(max_facts, chars // 150)) + 1))
   subjects = [f"{ADJECTIVES[a]} {NOUNS[b]}" for a, b in
               zip(rng.choice(len(ADJECTIVES), n, replace=False), rng.choice(len(NOUNS), n, replace=False))]
-  numbers = [str(int(rng.integers(10 ** (d - 1), 10**d))) for d in rng.integers(3, 7, size=n)]
-  said = sum(len(f"\nThe {s} is {x}.\n") + len(f"\nWhat is the {s}? The {s} is {x}.") for s, x in zip(subjects, numbers))
+  values = [str(int(rng.integers(10 ** (d - 1), 10**d))) for d in rng.integers(3, 7, size=n)]
+  said = sum(len(f"\nThe {s} is {x}.\n") + len(f"\nWhat is the {s}? The {s} is {x}.")
+             for s, x in zip(subjects, values))
   window = window[: max(0, chars - said)]
   cuts = sorted(int(c) for c in rng.integers(0, len(window) + 1, size=n))
   parts, prev = [], 0
-  for cut, subject, number in zip(cuts, subjects, numbers):
+  for cut, subject, number in zip(cuts, subjects, values):
     parts += [window[prev:cut], f"\nThe {subject} is {number}.\n"]
     prev = cut
   parts.append(window[prev:])
   for i in rng.permutation(n):
-    parts.append(f"\nWhat is the {subjects[i]}? The {subjects[i]} is {numbers[i]}.")
+    parts.append(f"\nWhat is the {subjects[i]}? The {subjects[i]} is {values[i]}.")
   return "".join(parts) + "\n"
