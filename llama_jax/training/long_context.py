@@ -98,9 +98,10 @@ def _stage_run(cfg: ExtensionConfig, i: int, st: ExtensionStage, data: continued
   if cfg.retrieval_weight > 0:
     tok = tokenizer_lib.load_tokenizer(data.tokenizer)
     facts = cfg.retrieval_format == "facts"
-    # Packing cuts rows out of concatenated documents: a fact document of at most half a row is whole in
-    # most rows (a fact and its question in one row), where a row-sized one is almost always cut apart.
-    size = st.seq_len // 2 if facts else 2 * st.seq_len
+    # Fact documents of a quarter to a whole row (facts and questions included): questions at every
+    # distance up to the row length, as the needle asks; packing cuts rows out of concatenated documents,
+    # so a document of length L lies whole in one row about 1 - L/T of the time.
+    size = st.seq_len if facts else 2 * st.seq_len
     path = os.path.join(cfg.root_dir, f"retrieval_{cfg.retrieval_format}_{size}tok_{cfg.retrieval_docs}docs_"
                         f"seed{cfg.run.seed}.jsonl")
     filler = [d for f in files for d in pipeline.read_documents(f)] if facts else None

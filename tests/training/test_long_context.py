@@ -44,10 +44,11 @@ def test_fact_documents_ask_back_their_facts():
 
 
 def test_fact_sources_fit_in_their_rows(base_run, tmp_path):
-  # The packer cuts rows out of concatenated documents, so a document as long as a row is nearly always
-  # cut apart (its facts in one row, its questions in the next: nothing to retrieve). A stage's fact
-  # documents are at most half a row: most of them lie whole in one row. (Failed before: documents of up
-  # to a whole row, and number lists 4x longer than asked.)
+  # The packer cuts rows out of concatenated documents, so a document longer than a row is always cut
+  # apart (its facts in one row, its questions in the next: nothing to retrieve), and one of length L lies
+  # whole in a row about 1 - L/T of the time. A stage's fact documents are a quarter to a whole row, facts
+  # and questions included: questions at every distance up to the row. (Failed before: the facts and
+  # questions came on top of a row of text, and number lists were 4x longer than asked.)
   from llama_jax.data import tokenizers
   from llama_jax.training import continued
   cfg = _extension(base_run, tmp_path / "ext", retrieval_format="facts", retrieval_docs=60)
@@ -57,9 +58,9 @@ def test_fact_sources_fit_in_their_rows(base_run, tmp_path):
   docs = [json.loads(line)["text"] for line in open(run.train_files[-1])]
   lengths = np.array([len(tok.encode(d)) for d in docs])
   assert any(d.startswith("Remember:\n") and d[len("Remember:\n")].isdigit() for d in docs)  # number lists
-  assert np.mean(lengths <= 128 // 2 + 8) >= 0.9, lengths
-  # The chance that a document of length L starts where a row still holds it is about 1 - L/T.
-  assert np.mean(1 - lengths / 128) >= 0.6, lengths
+  assert np.mean(lengths <= 128) >= 0.9 and lengths.max() <= 1.3 * 128, lengths  # sized by an estimate
+  assert np.mean(lengths >= 128 // 2) >= 0.3, lengths  # long distances too
+  assert np.mean(np.clip(1 - lengths / 128, 0, 1)) >= 0.3, lengths
 
 
 def test_retrieval_documents_are_well_formed_and_deterministic():
