@@ -103,16 +103,9 @@ def fact_document(seed: int, index: int, filler: Sequence[str], chars: int, max_
   start = int(rng.integers(max(1, len(text) - chars)))
   window = (text * (1 + chars // max(len(text), 1)))[start: start + chars]
   kind = rng.random()
-  if kind < recall:
-    half = window[: len(window) // 2]
-    return f"Remember:\n{half}\nRepeat:\n{half}\n"
   if kind < recall + (1 - recall) * numbers:
-    listed, size = [], 0
-    while size < chars // 8:  # a digit is about one token, filler text about four characters per token
-      digits = int(rng.integers(3, 7))
-      listed.append(str(int(rng.integers(10 ** (digits - 1), 10**digits))))
-      size += len(listed[-1]) + 1
-    half = " ".join(listed)
+    # A digit is about one token, filler text about four characters per token.
+    half = window[: len(window) // 2] if kind < recall else _number_list(rng, chars // 8)
     return f"Remember:\n{half}\nRepeat:\n{half}\n"
   # The facts and questions count toward `chars` (about 70 characters a fact): at most one fact per 150
   # characters, and the filler window shrinks by what they take, so the document keeps its size.
@@ -120,15 +113,24 @@ def fact_document(seed: int, index: int, filler: Sequence[str], chars: int, max_
   subjects = [f"{ADJECTIVES[a]} {NOUNS[b]}" for a, b in
               zip(rng.choice(len(ADJECTIVES), n, replace=False), rng.choice(len(NOUNS), n, replace=False))]
   values = [str(int(rng.integers(10 ** (d - 1), 10**d))) for d in rng.integers(3, 7, size=n)]
-  said = sum(len(f"\nThe {s} is {x}.\n") + len(f"\nWhat is the {s}? The {s} is {x}.")
-             for s, x in zip(subjects, values))
-  window = window[: max(0, chars - said)]
+  facts = [f"\nThe {s} is {x}.\n" for s, x in zip(subjects, values)]
+  questions = [f"\nWhat is the {s}? The {s} is {x}." for s, x in zip(subjects, values)]
+  window = window[: max(0, chars - sum(map(len, facts + questions)))]
   cuts = sorted(int(c) for c in rng.integers(0, len(window) + 1, size=n))
   parts, prev = [], 0
-  for cut, subject, number in zip(cuts, subjects, values):
-    parts += [window[prev:cut], f"\nThe {subject} is {number}.\n"]
+  for cut, fact in zip(cuts, facts):
+    parts += [window[prev:cut], fact]
     prev = cut
   parts.append(window[prev:])
-  for i in rng.permutation(n):
-    parts.append(f"\nWhat is the {subjects[i]}? The {subjects[i]} is {values[i]}.")
+  parts += [questions[i] for i in rng.permutation(n)]
   return "".join(parts) + "\n"
+
+
+def _number_list(rng: np.random.Generator, chars: int) -> str:
+  """Random 3..6-digit numbers separated by spaces, about `chars` characters."""
+  listed, size = [], 0
+  while size < chars:
+    digits = int(rng.integers(3, 7))
+    listed.append(str(int(rng.integers(10 ** (digits - 1), 10**digits))))
+    size += len(listed[-1]) + 1
+  return " ".join(listed)
