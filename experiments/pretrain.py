@@ -25,10 +25,13 @@ _INT = ["steps", "batch_size", "seq_len", "seed", "mesh_data", "mesh_fsdp", "mes
         "log_every",
         "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints", "keep_period", "max_bad_steps",
         "corpus_vocab_size", "sample_tokens"]
-_STR = ["run_dir", "data_dir", "tokenizer", "text_field", "init_from", "compilation_cache_dir"]
+_STR = ["run_dir", "data_dir", "tokenizer", "text_field", "init_from", "init_state_from", "compilation_cache_dir"]
 _LIST = ["train_files", "eval_files"]
 _HELP = {"init_from": "Start a new run from existing weights: hf:/path, meta:/path or orbax:/path (the "
                       "checkpoint fixes the model's shape; resharded onto the run's mesh).",
+         "init_state_from": "Start a new run from another run_dir's latest train state (params, AdamW "
+                            "moments, step count; --steps counts on from it) with this run's schedule and "
+                            "data: e.g. a run's annealing tail.",
          "compilation_cache_dir": "JAX's persistent compilation cache (default: <run_dir>/compilation_cache, "
                                   "so a restart compiles nothing); a directory, or off."}
 for name in _INT:

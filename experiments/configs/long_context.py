@@ -36,11 +36,12 @@ EXTEND = {
 }
 
 ANNEAL = {
-    # The last 100 steps of the base at its shape, LR 1e-3 -> 0, Python (code) upsampled 2x as the
-    # "high-quality" source, a checkpoint every 20 steps kept and averaged.
+    # 100 more steps of the base at its shape, continuing its train state (AdamW moments, step count),
+    # the LR from the base's final 3e-4 linearly to 0, Python (code) upsampled 2x as the "high-quality"
+    # source, a checkpoint every 20 steps kept and averaged.
     "tiny": AnnealConfig(
         run=dataclasses.replace(_BASE, steps=100, checkpoint_every=20, eval_every=100,
-                                optim=dataclasses.replace(_BASE.optim, warmup_steps=0)),
+                                optim=dataclasses.replace(_BASE.optim, peak_lr=3e-4, warmup_steps=0)),
         root_dir="runs/anneal", upsample=(("python", 2.0),)),
 }
 

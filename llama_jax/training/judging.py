@@ -156,7 +156,7 @@ def judge_sources(cfg: JudgeConfig) -> dict:
       return res
     # No held-out pass inside the run: the arms are scored below, per source, on the same batches.
     run = annealing.annealing_run(cfg.run, dataclasses.replace(mix, eval_files=()), os.path.join(d, "run"),
-                                  start)
+                                  start, cfg.from_run)
     print(f"=== {name}: {run.steps} steps, LR {r.optim.peak_lr:g} -> 0 linearly, token shares "
           f"{dict(zip(mix.names, (round(w / sum(mix.weights), 4) for w in mix.weights)))}", flush=True)
     pretrain(run)

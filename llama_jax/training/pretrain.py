@@ -55,6 +55,10 @@ class RunConfig:
   # Start a new run from existing weights (continued pretraining, later stages): hf:/path, meta:/path or
   # orbax:/path. The checkpoint fixes the model's shape; a resume continues from its own checkpoint.
   init_from: str | None = None
+  # Or start a new run from the whole train state of another run's latest checkpoint — params, AdamW
+  # moments and step count — with this run's optimizer schedule, data and steps (`steps` counts on from
+  # that step): a run's annealing tail (annealing.py). The data stream starts fresh.
+  init_state_from: str | None = None
   log_every: int = 25
   eval_every: int = 250
   eval_batches: int = 8
@@ -100,6 +104,12 @@ class RunConfig:
     if self.tokenizer and not self.train_files:
       raise ConfigError(f"--tokenizer needs --train_files (the embedded corpus under --data_dir brings its "
                         f"own tokenizer); give --train_files too, or drop --tokenizer={self.tokenizer}.")
+    if self.init_from and self.init_state_from:
+      raise ConfigError(f"--init_from={self.init_from} and --init_state_from={self.init_state_from}: give "
+                        "one (weights only, or a run's whole train state).")
+    if self.init_state_from and not self.train_files:
+      raise ConfigError(f"--init_state_from={self.init_state_from} needs --train_files and --tokenizer (the "
+                        "tokenizer the run was trained with; the embedded corpus trains its own).")
     if self.init_from and not self.train_files:
       raise ConfigError(f"--init_from={self.init_from} needs --train_files and --tokenizer (the tokenizer the "
                         "weights were trained with; the embedded corpus trains its own).")
@@ -110,7 +120,8 @@ class RunConfig:
 
 # Settings that may change between a run and its resume: they do not change what is trained (`steps`
 # is the run's length; the schedule's length is optim.total_steps, compared). Everything else does.
-_HARMLESS = {"run_dir", "steps", "mesh_data", "mesh_fsdp", "mesh_context", "mesh_tensor", "init_from", "log_every", "eval_every",
+_HARMLESS = {"run_dir", "steps", "mesh_data", "mesh_fsdp", "mesh_context", "mesh_tensor", "init_from",
+             "init_state_from", "log_every", "eval_every",
              "eval_batches", "eval_files", "checkpoint_every", "keep_checkpoints", "keep_period",
              "max_bad_steps", "allow_config_change", "data_dir", "sample_prompts", "sample_tokens",
              "profile_steps", "compilation_cache_dir",
@@ -223,6 +234,14 @@ def _model_config(run: RunConfig, tok, run_dir: epath.Path, resuming: bool) -> M
   if resuming and saved.exists():
     shape = config_lib.from_dict(json.loads(saved.read_text()))
     return dataclasses.replace(run.model, **{f: getattr(shape, f) for f in init_from.SHAPE_FIELDS})
+  if run.init_state_from:  # the run's state decides the shape
+    shape = config_lib.from_dict(json.loads((_state_dir(run.init_state_from) / MODEL_FILE).read_text()))
+    model_cfg = dataclasses.replace(run.model, **{f: getattr(shape, f) for f in init_from.SHAPE_FIELDS})
+    if tok.vocab_size > model_cfg.vocab_size:
+      raise ConfigError(f"--init_state_from={run.init_state_from}: its vocabulary has "
+                        f"{model_cfg.vocab_size} entries, the tokenizer {tok.vocab_size}; use the run's "
+                        "tokenizer.")
+    return model_cfg
   if run.init_from:
     # The weights decide the model's shape; the tokenizer must fit their embedding table.
     model_cfg = init_from.adopt_shape(run.init_from, run.model)
@@ -235,6 +254,24 @@ def _model_config(run: RunConfig, tok, run_dir: epath.Path, resuming: bool) -> M
     print(f"vocab_size {run.model.vocab_size} -> {tok.vocab_size} (the tokenizer's)", flush=True)
     return dataclasses.replace(run.model, vocab_size=tok.vocab_size)
   return run.model
+
+
+def _state_dir(run_dir: str) -> epath.Path:
+  """The run directory of --init_state_from, checked: it holds a run's config and a checkpoint."""
+  d = epath.Path(run_dir if "://" in run_dir else os.path.abspath(run_dir))
+  if not (d / MODEL_FILE).exists() or not checkpoint.saved_steps(str(d / "checkpoints")):
+    raise ConfigError(f"--init_state_from={run_dir}: not a pretraining run directory with a checkpoint "
+                      f"({MODEL_FILE} and checkpoints/<step>); give the run_dir of a run that saved one.")
+  return d
+
+
+def _restore_state_of(run_dir: str, model_cfg: ModelConfig, opt_cfg: OptimizerConfig, mesh) -> Any:
+  """The train state of `run_dir`'s latest checkpoint on this run's mesh (the data position stays)."""
+  src = checkpoint.Checkpointer(str(_state_dir(run_dir) / "checkpoints"))
+  try:
+    return src.restore(train.abstract_state(model_cfg, opt_cfg, mesh))[0]
+  finally:
+    src.close()
 
 
 _CACHE_OPTIONS = ("jax_enable_compilation_cache", "jax_compilation_cache_dir",
@@ -288,6 +325,11 @@ def _pretrain(run, train_src, eval_src, tok, run_dir) -> dict:
     train.check_batch_shape(st.batch_size, st.seq_len, model_cfg, run.optim, mesh)
   train.check_batch_shape(run.batch_size, run.seq_len, model_cfg, run.optim, mesh)
   stage_of = lambda steps_done: max(i for i, s in enumerate(starts) if s <= steps_done)
+  if run.init_state_from and not resuming:
+    start = checkpoint.saved_steps(str(_state_dir(run.init_state_from) / "checkpoints"))[-1]
+    if start >= run.steps:
+      raise ConfigError(f"--steps={run.steps}: the state of --init_state_from={run.init_state_from} is at "
+                        f"step {start} and steps count on from there; give more than {start}.")
   cache = os.path.join(run.data_dir, "tokens")  # local: tokenized documents, keyed by file content
 
   # One global stream for the whole run (llama_jax/data/stream.py): every stage continues it where the
@@ -356,6 +398,13 @@ def _train(run, ckpt, model_cfg, mesh, stages, stage_of, train_iterator, eval_ds
     stage = stage_of(max(latest - 1, 0))
     state, data_it = ckpt.restore(train.abstract_state(model_cfg, run.optim, mesh), train_iterator(stage))
     print(f"resumed from {run.run_dir} at step {latest}", flush=True)
+  elif run.init_state_from:
+    state = _restore_state_of(run.init_state_from, model_cfg, run.optim, mesh)
+    start = int(jax.device_get(state.step))
+    stage = stage_of(start)
+    data_it = train_iterator(stage)
+    print(f"initialized from the train state of {run.init_state_from} at step {start} (params, optimizer "
+          "moments); data from the start of the stream", flush=True)
   else:
     stage = 0
     data_it = train_iterator(stage)

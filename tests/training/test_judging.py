@@ -75,7 +75,9 @@ def test_judge_share_control_and_ordering(base_run, candidates, tmp_path, capsys
   ctl = json.load(open(root / "control" / "run" / "run_config.json"))
   for k in set(ctl) - {"run_dir", "train_files", "train_weights"}:
     assert ctl[k] == rc[k], k
-  assert ctl["steps"] == rc["steps"] == STEPS and ctl["optim"]["decay"] == "linear"
+  # Each arm continues the base run's train state: its STEPS steps count on from the base's.
+  assert ctl["steps"] == rc["steps"] == base_run.steps + STEPS and ctl["optim"]["decay"] == "linear"
+  assert ctl["init_state_from"] == base_run.run_dir and ctl["init_from"] is None
   assert ctl["optim"]["final_lr"] == 0.0 and ctl["train_files"] == rc["train_files"][:-1]
   np.testing.assert_allclose(np.array(rc["train_weights"][:-1]) / sum(rc["train_weights"]),
                              0.7 * np.array(ctl["train_weights"]) / sum(ctl["train_weights"]), rtol=1e-12)

@@ -1,7 +1,8 @@
 """Long-context stages and annealing end to end at toy scale (a 4-step base run, stages of 64 and 128
 tokens, a few steps each): each stage writes its gate, a gate that cannot pass stops the run with
 stop_on_gate_failure and is reported otherwise; synthetic retrieval documents are well formed and
-deterministic; the annealing average equals the float64 mean of its checkpoints and loads as --init_from."""
+deterministic; the annealing continues the base run's AdamW state (float64 AdamW) and its average equals
+the float64 mean of its checkpoints and loads as --init_from."""
 
 import dataclasses
 import json
@@ -16,7 +17,7 @@ from llama_jax.data import retrieval
 from llama_jax.errors import ConfigError
 from llama_jax.interop import init_from, orbax as orbax_params
 from llama_jax.parallel import sharding
-from llama_jax.training import annealing, checkpoint, long_context, step as step_lib
+from llama_jax.training import annealing, checkpoint, long_context, optim as optim_lib, step as step_lib
 from llama_jax.training.pretrain import pretrain
 
 
@@ -156,33 +157,64 @@ def test_stages_gate_and_stop(base_run, tmp_path, capsys):
   assert [g["passed"] for g in long_context.extend(passing)] == [True]
 
 
-def test_anneal_averages_its_checkpoints(base_run, tmp_path):
-  template = dataclasses.replace(base_run, run_dir="unused", steps=4, checkpoint_every=2, keep_checkpoints=1)
+def _adam_state(state):
+  """(mu, nu, count) of the TrainState's AdamW moments."""
+  adam = [x for x in jax.tree.leaves(state.opt_state, is_leaf=lambda x: hasattr(x, "mu")) if hasattr(x, "mu")]
+  assert len(adam) == 1
+  return adam[0].mu, adam[0].nu, int(adam[0].count)
+
+
+def test_anneal_continues_the_run_and_averages_its_checkpoints(base_run, tmp_path):
+  template = dataclasses.replace(base_run, run_dir="unused", steps=4, checkpoint_every=1, keep_checkpoints=1)
   cfg = annealing.AnnealConfig(run=template, root_dir=str(tmp_path / "anneal"), from_run=base_run.run_dir,
                                upsample=((base_run.train_files[0], 3.0),))
   out = annealing.anneal(cfg)
   run_dir = tmp_path / "anneal" / "run"
   rc = json.load(open(run_dir / "run_config.json"))
   assert rc["optim"]["decay"] == "linear" and rc["optim"]["final_lr"] == 0.0 and rc["train_weights"] == [3.0]
-  # keep_period keeps every annealing checkpoint (keep_checkpoints=1 alone would keep one).
+  # The annealing is the base run's tail: its steps count on from the base's 4, and keep_period keeps
+  # every annealing checkpoint (keep_checkpoints=1 alone would keep one).
   ckpt = checkpoint.Checkpointer(str(run_dir / "checkpoints"))
-  assert ckpt.all_steps() == [2, 4]
+  assert ckpt.all_steps() == [5, 6, 7, 8]
   ckpt.close()
-  assert out["averaged"] == ["step 2", "step 4"]
+  assert out["averaged"] == ["step 5", "step 6", "step 7", "step 8"]
   assert set(out["heldout_loss"]) == {"start", "last", "average"}
   assert all(np.isfinite(v) for v in out["heldout_loss"].values())
-  # The average is the float64 mean of the two checkpoints' params, and --init_from=orbax: reads it.
   mesh = sharding.make_mesh(fsdp=-1)
   config, avg = init_from.load_pretrained(f"orbax:{out['average_dir']}", mesh)
-  ckpt = checkpoint.Checkpointer(str(run_dir / "checkpoints"))
-  opt = dataclasses.replace(template.optim, decay="linear", final_lr=0.0, total_steps=4,
-                            warmup_steps=min(template.optim.warmup_steps, 3))
-  states = [jax.device_get(ckpt.restore(step_lib.abstract_state(config, opt, mesh), step=s)[0].params)
-            for s in (2, 4)]
-  ckpt.close()
-  for a, b, m in zip(jax.tree.leaves(states[0]), jax.tree.leaves(states[1]),
-                     jax.tree.leaves(jax.device_get(avg))):
-    want = (a.astype(np.float64) + b.astype(np.float64)) / 2
+  opt = dataclasses.replace(template.optim, decay="linear", final_lr=0.0, total_steps=8, warmup_steps=4)
+
+  def restore(directory, step):
+    ckpt = checkpoint.Checkpointer(str(directory))
+    try:
+      return jax.device_get(ckpt.restore(step_lib.abstract_state(config, opt, mesh), step=step)[0])
+    finally:
+      ckpt.close()
+
+  base = restore(os.path.join(base_run.run_dir, "checkpoints"), 4)
+  states = [restore(run_dir / "checkpoints", s) for s in (5, 6, 7, 8)]
+  # The first annealing step is AdamW (float64 here) from the base's moments: m = b1 m4 + (1 - b1) g and
+  # v = b2 v4 + (1 - b2) g^2 for the same (clipped) gradient g, bias-corrected at step 5, not 1, and the
+  # params move by the peak LR. (Failed before: the annealing started at step 0 from zeroed moments.)
+  (m4, v4, c4), (m5, v5, c5) = _adam_state(base), _adam_state(states[0])
+  assert (c4, c5) == (4, 5)
+  o = template.optim
+  decays = optim_lib.weight_decay_mask(o, base.params)
+  for p4, p5, a4, a5, b4, b5, d in zip(*(jax.tree.leaves(t) for t in (
+      base.params, states[0].params, m4, m5, v4, v5, decays))):
+    p4, p5, a4, a5, b4, b5 = (np.asarray(x, np.float64) for x in (p4, p5, a4, a5, b4, b5))
+    g = (a5 - o.b1 * a4) / (1 - o.b1)
+    np.testing.assert_allclose(b5, o.b2 * b4 + (1 - o.b2) * g**2, rtol=0, atol=1e-4 * b5.max() + 1e-30)
+    update = (a5 / (1 - o.b1**5)) / (np.sqrt(b5 / (1 - o.b2**5)) + o.eps) + (o.weight_decay * p4 if d else 0)
+    np.testing.assert_allclose(p5, p4 - o.peak_lr * update, rtol=0, atol=1e-6 * np.abs(p4).max())
+  # The average is the float64 mean of the four checkpoints' params, and --init_from=orbax: reads it.
+  for m, *ps in zip(jax.tree.leaves(jax.device_get(avg)), *(jax.tree.leaves(s.params) for s in states)):
+    want = np.mean([p.astype(np.float64) for p in ps], axis=0)
     np.testing.assert_allclose(m, want, rtol=0, atol=1e-7 * max(np.abs(want).max(), 1e-30))
+  # Bad starts stop with the flag to fix, before anything is trained.
+  with pytest.raises(ConfigError, match=r"--init_state_from=.*: not a pretraining run directory"):
+    pretrain(dataclasses.replace(base_run, run_dir=str(tmp_path / "x1"), init_state_from=str(tmp_path)))
+  with pytest.raises(ConfigError, match=r"--steps=4: the state of --init_state_from=.* is at step 4"):
+    pretrain(dataclasses.replace(base_run, run_dir=str(tmp_path / "x2"), init_state_from=base_run.run_dir))
   with pytest.raises(ConfigError, match=r"--upsample: \['nope'\] are not sources"):
     annealing.anneal(dataclasses.replace(cfg, upsample=(("nope", 2.0),), root_dir=str(tmp_path / "x")))
