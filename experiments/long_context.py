@@ -63,7 +63,9 @@ def extension_config() -> long_context.ExtensionConfig:
                            ("retrieval_format", _FORMAT.value)) if v is not None}
   stages = cfg.stages
   if _STEPS.value is not None:
-    stages = tuple(dataclasses.replace(s, steps=_STEPS.value) for s in stages)
+    stages = tuple(dataclasses.replace(s, steps=_STEPS.value,  # the curriculum keeps its proportion
+                                       short_docs_steps=s.short_docs_steps * _STEPS.value // s.steps)
+                   for s in stages)
   return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, **run), stages=stages,
                              gate=dataclasses.replace(cfg.gate, **gate), **top)
 

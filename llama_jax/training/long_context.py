@@ -4,7 +4,8 @@ sequence length, each a pretraining run, each closed by a gate.
   <root_dir>/start/                   the starting params (params-only: --init_from, or --from_run's latest)
   <root_dir>/baseline.json            short-context held-out loss of the start (the gate's reference)
   <root_dir>/stage_<i>_<T>/start/     the previous stage's params, with this stage's RoPE in its config
-  <root_dir>/stage_<i>_<T>/run/       the stage's pretraining run (checkpoints, metrics, loss.png)
+  <root_dir>/stage_<i>_<T>/run/       the stage's pretraining run (checkpoints, metrics, loss.png); with
+                                      short_docs_steps, its first part is in run_short_docs/
   <root_dir>/stage_<i>_<T>/final/     the params at the stage's last step (params-only)
   <root_dir>/stage_<i>_<T>/gate.json  needle-in-a-haystack at T and the short-context held-out loss vs the
                                       baseline: passed or failed, never silently; needle.{json,png} beside it
@@ -32,7 +33,7 @@ from llama_jax.data import pipeline
 from llama_jax.errors import ConfigError
 from llama_jax.evals import needle
 from llama_jax.interop import orbax as orbax_params
-from llama_jax.training import continued
+from llama_jax.training import checkpoint, continued
 from llama_jax.training.pretrain import RunConfig, pretrain
 
 
@@ -44,6 +45,11 @@ class ExtensionStage:
   rope_theta: float | None = None  # None: keep the previous stage's
   rope_factor: float | None = None  # RopeScaling.factor; None: keep
   peak_lr: float | None = None  # None: the template run's
+  # A curriculum within the stage: its first `short_docs_steps` steps draw retrieval documents an eighth
+  # to half a row long (most lie whole in a row, questions near their facts: a small model learns to copy
+  # there), the rest a quarter to a whole row (the needle's distances). One LR schedule spans the stage;
+  # the switch continues the train state (RunConfig.init_state_from).
+  short_docs_steps: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +88,9 @@ class ExtensionConfig:
                           f"{self.run.model.max_seq_len}; raise max_seq_len in the config.")
       if s.steps < 1 or s.batch_size < 1:
         raise ConfigError(f"stage {s}: steps and batch_size must be >= 1.")
+      if not 0 <= s.short_docs_steps < s.steps:
+        raise ConfigError(f"stage seq_len={s.seq_len}: short_docs_steps={s.short_docs_steps} must be in "
+                          f"[0, steps={s.steps}).")
     if self.retrieval_format not in ("facts", "kv"):
       raise ConfigError(f"--retrieval_format={self.retrieval_format}: use facts or kv.")
     if not 0 <= self.retrieval_weight < 1:
@@ -93,15 +102,16 @@ class GateFailure(Exception):
 
 
 def _stage_run(cfg: ExtensionConfig, i: int, st: ExtensionStage, data: continued.Data, start: str,
-               run_dir: str) -> RunConfig:
+               run_dir: str, short_docs: bool = False) -> RunConfig:
+  """Stage i's pretraining run from `start` (orbax:); `short_docs`: its first part (short_docs_steps)."""
   files, weights = data.train_files, data.weights
   if cfg.retrieval_weight > 0:
     tok = tokenizer_lib.load_tokenizer(data.tokenizer)
     facts = cfg.retrieval_format == "facts"
     # Fact documents of a quarter to a whole row (facts and questions included): questions at every
     # distance up to the row length, as the needle asks; packing cuts rows out of concatenated documents,
-    # so a document of length L lies whole in one row about 1 - L/T of the time.
-    size = st.seq_len if facts else 2 * st.seq_len
+    # so a document of length L lies whole in one row about 1 - L/T of the time. Short: half that.
+    size = (st.seq_len if facts else 2 * st.seq_len) // (2 if short_docs else 1)
     path = os.path.join(cfg.root_dir, f"retrieval_{cfg.retrieval_format}_{size}tok_{cfg.retrieval_docs}docs_"
                         f"seed{cfg.run.seed}.jsonl")
     filler = [d for f in files for d in pipeline.read_documents(f)] if facts else None
@@ -114,7 +124,8 @@ def _stage_run(cfg: ExtensionConfig, i: int, st: ExtensionStage, data: continued
   optim = dataclasses.replace(o, total_steps=st.steps, warmup_steps=min(o.warmup_steps, st.steps // 10),
                               peak_lr=st.peak_lr or o.peak_lr, final_lr=min(o.final_lr, st.peak_lr or o.peak_lr))
   return dataclasses.replace(
-      cfg.run, run_dir=run_dir, steps=st.steps, batch_size=st.batch_size, seq_len=st.seq_len, stages=(),
+      cfg.run, run_dir=run_dir, steps=st.short_docs_steps if short_docs else st.steps,
+      batch_size=st.batch_size, seq_len=st.seq_len, stages=(),
       init_from=start, train_files=files, train_weights=weights, eval_files=data.eval_files,
       tokenizer=data.tokenizer, optim=optim, eval_every=max(st.steps, 1),
       checkpoint_every=min(cfg.run.checkpoint_every, st.steps), sample_prompts=())
@@ -168,7 +179,15 @@ def extend(cfg: ExtensionConfig) -> list[dict]:
         config = dataclasses.replace(config, rope_scaling=rope, rope_theta=st.rope_theta or config.rope_theta)
         orbax_params.save_params(start, params, config)  # params do not depend on RoPE; the config does
       print(f"=== stage {i}: seq {st.seq_len}, batch {st.batch_size}, {st.steps} steps ===", flush=True)
-      pretrain(_stage_run(cfg, i, st, data, f"orbax:{start}", os.path.join(sdir, "run")))
+      run = _stage_run(cfg, i, st, data, f"orbax:{start}", os.path.join(sdir, "run"))
+      if st.short_docs_steps:
+        first = _stage_run(cfg, i, st, data, f"orbax:{start}", os.path.join(sdir, "run_short_docs"), True)
+        if not checkpoint.saved_steps(os.path.join(run.run_dir, "checkpoints")):  # else done before
+          print(f"--- steps 1-{first.steps}: retrieval documents of at most half a row", flush=True)
+          pretrain(first)
+          print(f"--- steps {first.steps + 1}-{run.steps}: retrieval documents up to a whole row", flush=True)
+        run = dataclasses.replace(run, init_from=None, init_state_from=first.run_dir)
+      pretrain(run)
       config, params = continued.latest_params(os.path.join(sdir, "run"), mesh)
       orbax_params.save_params(final, params, config)
     gate_file = os.path.join(sdir, "gate.json")

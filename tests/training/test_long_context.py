@@ -150,11 +150,24 @@ def test_stages_gate_and_stop(base_run, tmp_path, capsys):
   retrieval.write_source(path, tokenizers.load_tokenizer(base_run.tokenizer), tokens_per_doc=256,
                          num_docs=20, seed=0)
   assert open(path).read() == text
-  # A gate that can pass does: a 0% needle bar and an unbounded loss rise.
-  passing = _extension(base_run, tmp_path / "ext2", stages=_extension(base_run, root).stages[:1],
+  # A gate that can pass does: a 0% needle bar and an unbounded loss rise. The stage has a curriculum:
+  # step 1 on retrieval documents half as long, step 2 on the full-length ones, continuing step 1's
+  # train state (one schedule over the stage's 2 steps).
+  stage = dataclasses.replace(_extension(base_run, root).stages[0], short_docs_steps=1)
+  passing = _extension(base_run, tmp_path / "ext2", stages=(stage,),
                        gate=long_context.Gate(needle_min=0.0, heldout_max_rise=1e9, needle_trials=1,
                                               needle_depths=(0.5,), eval_batches=1))
   assert [g["passed"] for g in long_context.extend(passing)] == [True]
+  d = tmp_path / "ext2" / "stage_0_64"
+  short, full = (json.load(open(d / r / "run_config.json")) for r in ("run_short_docs", "run"))
+  assert short["train_files"][-1].endswith("retrieval_kv_64tok_20docs_seed0.jsonl") and short["steps"] == 1
+  assert full["train_files"][-1].endswith("retrieval_kv_128tok_20docs_seed0.jsonl") and full["steps"] == 2
+  assert short["optim"] == full["optim"] and full["optim"]["total_steps"] == 2
+  assert full["init_state_from"] == str(d / "run_short_docs") and full["init_from"] is None
+  assert checkpoint.saved_steps(str(d / "run_short_docs" / "checkpoints")) == [1]
+  assert checkpoint.saved_steps(str(d / "run" / "checkpoints")) == [2]
+  with pytest.raises(ConfigError, match=r"stage seq_len=64: short_docs_steps=2 must be in \[0, steps=2\)"):
+    _extension(base_run, root, stages=(dataclasses.replace(stage, short_docs_steps=2),))
 
 
 def _adam_state(state):
