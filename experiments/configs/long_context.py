@@ -48,11 +48,12 @@ ANNEAL = {
 }
 
 JUDGE = {
-    # [P] §3.1.3 at toy scale: from the half-trained base, 50 steps LR 1e-3 -> 0 per arm, the candidate
-    # at 30% of the tokens and the corpus mix at 70%, against a control on the corpus mix alone.
+    # [P] §3.1.3 at toy scale: from the base's train state, 50 steps LR 3e-4 (where its schedule ended)
+    # -> 0 per arm, the candidate at 30% of the tokens and the corpus mix at 70%, against a control on the
+    # corpus mix alone.
     # Candidates: --candidates=python,retrieval,path/to/file.jsonl (here: more code, and key-value lists).
     "tiny": JudgeConfig(
         run=dataclasses.replace(_BASE, steps=50, checkpoint_every=25,
-                                optim=dataclasses.replace(_BASE.optim, warmup_steps=0)),
+                                optim=dataclasses.replace(_BASE.optim, peak_lr=3e-4, warmup_steps=0)),
         root_dir="runs/judge", candidates=("python", "retrieval"), candidate_share=0.3),
 }

@@ -157,7 +157,7 @@ def judge_sources(cfg: JudgeConfig) -> dict:
     # No held-out pass inside the run: the arms are scored below, per source, on the same batches.
     run = annealing.annealing_run(cfg.run, dataclasses.replace(mix, eval_files=()), os.path.join(d, "run"),
                                   start, cfg.from_run)
-    print(f"=== {name}: {run.steps} steps, LR {r.optim.peak_lr:g} -> 0 linearly, token shares "
+    print(f"=== {name}: {r.steps} steps (to step {run.steps}), LR {r.optim.peak_lr:g} -> 0 linearly, token shares "
           f"{dict(zip(mix.names, (round(w / sum(mix.weights), 4) for w in mix.weights)))}", flush=True)
     pretrain(run)
     res = {**scorer(continued.latest_params(run.run_dir, mesh)[1]), "settings": settings,
