@@ -30,8 +30,9 @@ _LIST = ["train_files", "eval_files"]
 _HELP = {"init_from": "Start a new run from existing weights: hf:/path, meta:/path or orbax:/path (the "
                       "checkpoint fixes the model's shape; resharded onto the run's mesh).",
          "init_state_from": "Start a new run from another run_dir's latest train state (params, AdamW "
-                            "moments, step count; --steps counts on from it) with this run's schedule and "
-                            "data: e.g. a run's annealing tail.",
+                            "moments, step count S) with this run's schedule and data; --steps is the last "
+                            "step (> S) and the LR schedule is read from step S on (e.g. --warmup_steps=S "
+                            "--final_lr=0 for a tail at --lr).",
          "compilation_cache_dir": "JAX's persistent compilation cache (default: <run_dir>/compilation_cache, "
                                   "so a restart compiles nothing); a directory, or off."}
 for name in _INT:

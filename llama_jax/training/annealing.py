@@ -19,7 +19,7 @@ import shutil
 from llama_jax.errors import ConfigError
 from llama_jax.interop import orbax as orbax_params
 from llama_jax.training import averaging, checkpoint, continued
-from llama_jax.training.pretrain import RunConfig, pretrain
+from llama_jax.training.pretrain import RunConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +84,7 @@ def anneal(cfg: AnnealConfig) -> dict:
   run = annealing_run(cfg.run, data, os.path.join(root, "run"), start, cfg.from_run)
   print(f"annealing: {cfg.run.steps} steps (to step {run.steps}), LR {o.peak_lr:g} -> 0 linearly, weights "
         f"{dict(zip(data.names, (round(w, 4) for w in data.weights)))}", flush=True)
-  pretrain(run)
+  continued.run_to_end(run)
   config, sources = averaging.run_sources(run.run_dir)
   sources = sources[-cfg.average_last:] if cfg.average_last else sources
   avg_dir = os.path.join(root, "average")

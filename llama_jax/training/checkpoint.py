@@ -59,11 +59,12 @@ class Checkpointer:
   checkpoint whose step is a multiple of `keep_period` (if given)."""
 
   def __init__(self, directory: str, *, save_interval_steps: int = 1000, max_to_keep: int | None = 3,
-               keep_period: int | None = None, async_save: bool = True):
+               keep_period: int | None = None, async_save: bool = True, read_only: bool = False):
+    # read_only: another run's checkpoints (RunConfig.init_state_from), which may still be writing.
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=save_interval_steps, max_to_keep=max_to_keep, keep_period=keep_period,
-        enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=True)  # remove the leftovers of a write cut short by a kill
+        enable_async_checkpointing=async_save, read_only=read_only,
+        cleanup_tmp_directories=not read_only)  # remove the leftovers of a write cut short by a kill
     self.manager = ocp.CheckpointManager(directory, options=options)
     self.interval = save_interval_steps
 

@@ -92,6 +92,15 @@ def heldout_loss(config: ModelConfig, params: Any, mesh: Mesh, data: Data, *, ba
   return loss
 
 
+def run_to_end(run: RunConfig) -> None:
+  """`pretrain(run)`, and a clean stop if it ended before its last step (a preemption saved a checkpoint
+  and stopped): what comes next (a stage's gate, the next part, an average) needs the whole run."""
+  step = pretrain.pretrain(run)["step"]
+  if step != run.steps:
+    raise ConfigError(f"{run.run_dir} stopped at step {step} of {run.steps} (preempted?); rerun the same "
+                      "command to resume it.")
+
+
 def write_json(path: str, obj: Any) -> None:
   if jax.process_index() != 0:
     return

@@ -159,7 +159,7 @@ def judge_sources(cfg: JudgeConfig) -> dict:
                                   start, cfg.from_run)
     print(f"=== {name}: {r.steps} steps (to step {run.steps}), LR {r.optim.peak_lr:g} -> 0 linearly, token shares "
           f"{dict(zip(mix.names, (round(w / sum(mix.weights), 4) for w in mix.weights)))}", flush=True)
-    pretrain(run)
+    continued.run_to_end(run)
     res = {**scorer(continued.latest_params(run.run_dir, mesh)[1]), "settings": settings,
            "train_files": list(mix.train_files), "weights": list(mix.weights)}
     continued.write_json(done, res)

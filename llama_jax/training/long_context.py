@@ -34,7 +34,7 @@ from llama_jax.errors import ConfigError
 from llama_jax.evals import needle
 from llama_jax.interop import orbax as orbax_params
 from llama_jax.training import checkpoint, continued
-from llama_jax.training.pretrain import RunConfig, pretrain
+from llama_jax.training.pretrain import RunConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,10 +184,12 @@ def extend(cfg: ExtensionConfig) -> list[dict]:
         first = _stage_run(cfg, i, st, data, f"orbax:{start}", os.path.join(sdir, "run_short_docs"), True)
         if not checkpoint.saved_steps(os.path.join(run.run_dir, "checkpoints")):  # else done before
           print(f"--- steps 1-{first.steps}: retrieval documents of at most half a row", flush=True)
-          pretrain(first)
+          continued.run_to_end(first)
           print(f"--- steps {first.steps + 1}-{run.steps}: retrieval documents up to a whole row", flush=True)
-        run = dataclasses.replace(run, init_from=None, init_state_from=first.run_dir)
-      pretrain(run)
+        # The second part's stream starts afresh: another seed, so its corpus rows are not the first
+        # part's again (the seed orders the data; the train state, and its RNG, come from the first part).
+        run = dataclasses.replace(run, init_from=None, init_state_from=first.run_dir, seed=run.seed + 1)
+      continued.run_to_end(run)
       config, params = continued.latest_params(os.path.join(sdir, "run"), mesh)
       orbax_params.save_params(final, params, config)
     gate_file = os.path.join(sdir, "gate.json")

@@ -56,8 +56,9 @@ class RunConfig:
   # orbax:/path. The checkpoint fixes the model's shape; a resume continues from its own checkpoint.
   init_from: str | None = None
   # Or start a new run from the whole train state of another run's latest checkpoint — params, AdamW
-  # moments and step count — with this run's optimizer schedule, data and steps (`steps` counts on from
-  # that step): a run's annealing tail (annealing.py). The data stream starts fresh.
+  # moments and step count S — with this run's optimizer schedule, data and steps (`steps` is the last
+  # step, > S; the schedule is read at S+1, S+2, ...): a run's annealing tail (annealing.py), a stage's
+  # second part (long_context.py). The data stream starts fresh.
   init_state_from: str | None = None
   log_every: int = 25
   eval_every: int = 250
@@ -267,7 +268,7 @@ def _state_dir(run_dir: str) -> epath.Path:
 
 def _restore_state_of(run_dir: str, model_cfg: ModelConfig, opt_cfg: OptimizerConfig, mesh) -> Any:
   """The train state of `run_dir`'s latest checkpoint on this run's mesh (the data position stays)."""
-  src = checkpoint.Checkpointer(str(_state_dir(run_dir) / "checkpoints"))
+  src = checkpoint.Checkpointer(str(_state_dir(run_dir) / "checkpoints"), read_only=True)
   try:
     return src.restore(train.abstract_state(model_cfg, opt_cfg, mesh))[0]
   finally:

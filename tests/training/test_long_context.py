@@ -157,13 +157,16 @@ def test_stages_gate_and_stop(base_run, tmp_path, capsys):
   passing = _extension(base_run, tmp_path / "ext2", stages=(stage,),
                        gate=long_context.Gate(needle_min=0.0, heldout_max_rise=1e9, needle_trials=1,
                                               needle_depths=(0.5,), eval_batches=1))
+  capsys.readouterr()
   assert [g["passed"] for g in long_context.extend(passing)] == [True]
   d = tmp_path / "ext2" / "stage_0_64"
+  assert f"initialized from the train state of {d / 'run_short_docs'} at step 1 (params" in capsys.readouterr().out
   short, full = (json.load(open(d / r / "run_config.json")) for r in ("run_short_docs", "run"))
   assert short["train_files"][-1].endswith("retrieval_kv_64tok_20docs_seed0.jsonl") and short["steps"] == 1
   assert full["train_files"][-1].endswith("retrieval_kv_128tok_20docs_seed0.jsonl") and full["steps"] == 2
   assert short["optim"] == full["optim"] and full["optim"]["total_steps"] == 2
   assert full["init_state_from"] == str(d / "run_short_docs") and full["init_from"] is None
+  assert full["seed"] == short["seed"] + 1  # the second part's corpus rows are not the first part's again
   assert checkpoint.saved_steps(str(d / "run_short_docs" / "checkpoints")) == [1]
   assert checkpoint.saved_steps(str(d / "run" / "checkpoints")) == [2]
   with pytest.raises(ConfigError, match=r"stage seq_len=64: short_docs_steps=2 must be in \[0, steps=2\)"):
