@@ -66,12 +66,10 @@ class ModelConfig:
   attention_impl: AttentionImpl = "auto"
   attention_block_size: int = 512  # queries × keys per block of attention_impl="blockwise" or "splash"
   # Positions per chunk of the output layer + cross-entropy (training/losses.py): fp32 logits exist for
-  # [B, loss_chunk, V] at a time, never [B, T, V]; their gradient is taken in the same pass. 256: the
-  # 45M peer model's step (8 x 512, V 32000) takes 5.79 s at 256, 6.54 s at 1024 (one [8, 512, V]
-  # chunk: its passes over 500 MiB of logits cost 0.6 s more); 128 is no better there, and slower on the
-  # 100M (4 x 256: 5.45 s vs 5.32 s) — about 1-2K rows x V per chunk is the sweet spot
-  # (benchmarks/profile_step.py --set=loss_chunk=N).
-  loss_chunk: int = 256
+  # [B, loss_chunk, V] at a time, never [B, T, V]; their gradient is taken in the same pass. (256 made
+  # the 45M peer model's 8 x 512 step faster on CPU, 6.54 -> 5.79 s, but under FSDP each chunk's
+  # output-layer gradient is reduced on its own: more chunks, more reduction traffic. Not yet fixed.)
+  loss_chunk: int = 1024
   head: Head = "lm"
 
   def __post_init__(self):
