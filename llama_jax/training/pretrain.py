@@ -231,13 +231,13 @@ def _model_config(run: RunConfig, tok, run_dir: epath.Path, resuming: bool) -> M
   weights. A resumed run: the shape saved beside its checkpoints when it started (`model_config.json`),
   whatever `--init_from` says now (the checkpoint holds the weights; the source may be gone).
   """
-  saved = run_dir / MODEL_FILE
-  if resuming and saved.exists():
-    shape = config_lib.from_dict(json.loads(saved.read_text()))
-    return dataclasses.replace(run.model, **{f: getattr(shape, f) for f in init_from.SHAPE_FIELDS})
+  saved_shape = lambda d: dataclasses.replace(run.model, **{
+      f: getattr(config_lib.from_dict(json.loads((d / MODEL_FILE).read_text())), f)
+      for f in init_from.SHAPE_FIELDS})
+  if resuming and (run_dir / MODEL_FILE).exists():
+    return saved_shape(run_dir)
   if run.init_state_from:  # the run's state decides the shape
-    shape = config_lib.from_dict(json.loads((_state_dir(run.init_state_from) / MODEL_FILE).read_text()))
-    model_cfg = dataclasses.replace(run.model, **{f: getattr(shape, f) for f in init_from.SHAPE_FIELDS})
+    model_cfg = saved_shape(_state_dir(run.init_state_from))
     if tok.vocab_size > model_cfg.vocab_size:
       raise ConfigError(f"--init_state_from={run.init_state_from}: its vocabulary has "
                         f"{model_cfg.vocab_size} entries, the tokenizer {tok.vocab_size}; use the run's "
@@ -257,9 +257,14 @@ def _model_config(run: RunConfig, tok, run_dir: epath.Path, resuming: bool) -> M
   return run.model
 
 
+def _run_path(run_dir: str) -> epath.Path:
+  # Local (made absolute: Orbax needs it) or a remote URL such as gs://; Orbax and the logs write there.
+  return epath.Path(run_dir if "://" in run_dir else os.path.abspath(run_dir))
+
+
 def _state_dir(run_dir: str) -> epath.Path:
   """The run directory of --init_state_from, checked: it holds a run's config and a checkpoint."""
-  d = epath.Path(run_dir if "://" in run_dir else os.path.abspath(run_dir))
+  d = _run_path(run_dir)
   if not (d / MODEL_FILE).exists() or not checkpoint.saved_steps(str(d / "checkpoints")):
     raise ConfigError(f"--init_state_from={run_dir}: not a pretraining run directory with a checkpoint "
                       f"({MODEL_FILE} and checkpoints/<step>); give the run_dir of a run that saved one.")
@@ -307,8 +312,7 @@ def compilation_cache(setting: str, run_dir: epath.Path):
 def pretrain(run: RunConfig) -> dict:
   """Runs (or resumes) pretraining; returns the final metrics."""
   train_src, eval_src, tok = _sources(run)
-  # Local (made absolute: Orbax needs it) or a remote URL such as gs://; Orbax and the logs write there.
-  run_dir = epath.Path(run.run_dir if "://" in run.run_dir else os.path.abspath(run.run_dir))
+  run_dir = _run_path(run.run_dir)
   with compilation_cache(run.compilation_cache_dir, run_dir):
     return _pretrain(run, train_src, eval_src, tok, run_dir)
 
