@@ -65,11 +65,13 @@ class ModelConfig:
   # einsum below (model/attention.py, resolve).
   attention_impl: AttentionImpl = "auto"
   attention_block_size: int = 512  # queries × keys per block of attention_impl="blockwise" or "splash"
-  # Positions per chunk of the output layer + cross-entropy (training/losses.py): fp32 logits exist for
-  # [B, loss_chunk, V] at a time, never [B, T, V]; their gradient is taken in the same pass. (256 made
-  # the 45M peer model's 8 x 512 step faster on CPU, 6.54 -> 5.79 s, but under FSDP each chunk's
-  # output-layer gradient is reduced on its own: more chunks, more reduction traffic. Not yet fixed.)
-  loss_chunk: int = 1024
+  # Tokens per chunk of the output layer + cross-entropy on each device (training/losses.py: its rows x
+  # loss_chunk / rows positions): fp32 logits exist for loss_chunk x V per device at a time, never
+  # [B, T, V]; their gradient is taken in the same pass. Smaller chunks keep the logits in cache on a
+  # CPU (the 45M peer model, 8 x 512 on one device: 2048 = 256 positions, step 6.54 -> 5.79 s vs one
+  # chunk); each chunk adds its output-weight gradient into an unreduced fp32 copy of W, so on an
+  # accelerator a chunk of 2048 tokens keeps that read-modify-write small against the chunk's matmuls.
+  loss_chunk: int = 2048
   head: Head = "lm"
 
   def __post_init__(self):

@@ -22,6 +22,7 @@ from jaxtyping import Array, Float, Int, Num
 
 from llama_jax.config import ModelConfig
 from llama_jax.model import transformer
+from llama_jax.parallel import sharding
 
 Batch = dict[str, Any]
 Aux = dict[str, jax.Array]  # fp32 scalar sums; "tokens" is the count the loss is divided by
@@ -46,7 +47,7 @@ def chunked_cross_entropy(x_BTD: Float[Array, "B T D"], w_out: Float[Array, "...
                           targets_BT: Int[Array, "B T"], mask_BT: Num[Array, "B T"],
                           ) -> tuple[Float[Array, ""], Float[Array, ""]]:
   """`cross_entropy(output_logits(x_BTD, w_out, config), targets_BT, mask_BT)`, but the fp32 logits
-  exist for at most config.loss_chunk positions of every row at a time, and never in the backward pass.
+  exist for at most config.loss_chunk tokens on each device at a time, and never in the backward pass.
 
   A scan over chunks applies the output layer and the cross-entropy to one chunk. Under differentiation
   (`_fused_output_loss`, a custom_vjp) the same pass also takes the gradient while the chunk's logits are
@@ -55,13 +56,17 @@ def chunked_cross_entropy(x_BTD: Float[Array, "B T D"], w_out: Float[Array, "...
   (no recomputed logits) and one pass over each chunk's [B, c, V] instead of the several that autodiff
   through softmax and its transposed copies make.
 
-  Chunk j holds positions j, j + n, j + 2n, ... (n chunks; T padded up to a multiple of n, the padding
-  masked out): taking strided positions keeps every chunk spread over the `context` devices that split T,
-  as llama_jax/training/step.py's microbatches are spread over the batch devices, with no data movement.
+  A chunk is every row's c positions: c = loss_chunk / (rows on a device), in positions on a device
+  (×Q globally where Q devices split T), so the bound holds per device whatever the mesh; T splits into
+  n equal chunks (padded up, the padding masked out). Chunk j holds positions j, j + n, j + 2n, ...:
+  taking strided positions keeps every chunk spread over the `context` devices that split T, as
+  llama_jax/training/step.py's microbatches are spread over the batch devices, with no data movement.
   """
   b, t, d = x_BTD.shape
-  n = -(-t // config.loss_chunk)  # chunks
-  c = -(-t // n)  # positions per chunk (<= loss_chunk)
+  p, q = _contraction_split(b, t)  # devices splitting the rows and the positions
+  per_device = max(1, config.loss_chunk // (b // p))  # positions of a chunk on one device
+  n = -(-(t // q) // per_device)  # chunks
+  c = q * -(-(t // q) // n)  # positions per chunk, over all devices (<= Q · per_device)
   pad = n * c - t
   if pad:  # masked positions: zero hidden states, target 0, mask 0
     x_BTD = jnp.pad(x_BTD, ((0, 0), (0, pad), (0, 0)))
@@ -74,11 +79,43 @@ def chunked_cross_entropy(x_BTD: Float[Array, "B T D"], w_out: Float[Array, "...
   return _fused_output_loss(config, x_nBcD, w_out, targets_nBc, mask_nBc), jnp.sum(mask_nBc)
 
 
+def _contraction_split(b: int, c: int) -> tuple[int, int]:
+  """(P, Q): how many devices split a chunk's rows (act_batch) and its positions (act_seq) in this
+  context — the output weight's gradient sums over both, so each device holds a partial sum of it."""
+  if jax.sharding.get_abstract_mesh().empty:
+    return 1, 1
+  spec = sharding.activation_spec(("act_batch", "act_seq"))
+  p, q = (sharding.spec_devices(entry) for entry in spec)
+  return (p if b % p == 0 else 1), (q if c % q == 0 else 1)
+
+
 def _output_loss_scan(config: ModelConfig, x_nBcD, w_out, targets_nBc, mask_nBc, with_grads: bool):
-  """loss sum over the chunks, and with_grads: (d loss/d x_nBcD, d loss/d w_out in fp32)."""
+  """loss sum over the chunks, and with_grads: (d loss/d x_nBcD, d loss/d w_out in fp32).
+
+  d W sums over the tokens of every device. Added up chunk by chunk into a W-shaped (so W-sharded)
+  carry, every chunk's partial sum would be reduced across the devices on its own — n reductions of
+  W's size under FSDP where the step needs one. With more than one chunk the carry is instead one
+  partial sum per device, [P, Q, *W] split over the devices of the rows (P) and positions (Q) — no
+  communication inside the scan — and summed over P, Q once after it (XLA reduces it onto W's shards).
+  It costs one unreduced fp32 W (its tensor shard) per device: the size of the partial product each
+  chunk made anyway."""
   w = w_out.astype(config.dtype)
   tied = config.tie_embeddings  # w: [V, D] tied (the embedding table), else [D, V]
-  dx_spec, dw_spec = ("BcV,VD->BcD", "BcV,BcD->VD") if tied else ("BcV,DV->BcD", "BcV,BcD->DV")
+  dx_spec = "BcV,VD->BcD" if tied else "BcV,DV->BcD"
+  n, b, c, _ = x_nBcD.shape
+  p, q = _contraction_split(b, c) if with_grads and n > 1 else (1, 1)
+  dw_axes = ("act_vocab", "act_embed") if tied else ("act_embed", "act_vocab")
+  if p * q > 1:
+    dw_spec = "PbQcV,PbQcD->PQVD" if tied else "PbQcV,PbQcD->PQDV"
+    split = lambda a_BcX: a_BcX.reshape(p, b // p, q, c // q, a_BcX.shape[-1])
+    dw_partial = lambda dl_BcV, x_BcD: nn.with_logical_constraint(
+        jnp.einsum(dw_spec, split(dl_BcV), split(x_BcD), preferred_element_type=jnp.float32),
+        ("act_batch", "act_seq", *dw_axes))
+    dw_shape = (p, q, *w.shape)
+  else:
+    dw_spec = "BcV,BcD->VD" if tied else "BcV,BcD->DV"
+    dw_partial = lambda dl_BcV, x_BcD: jnp.einsum(dw_spec, dl_BcV, x_BcD, preferred_element_type=jnp.float32)
+    dw_shape = w.shape
 
   def chunk(carry, inputs):
     loss, dw = carry
@@ -95,12 +132,15 @@ def _output_loss_scan(config: ModelConfig, x_nBcD, w_out, targets_nBc, mask_nBc,
     dlogits_BcV = nn.with_logical_constraint(dlogits_BcV.astype(config.dtype),
                                              ("act_batch", "act_seq", "act_vocab"))
     dx_BcD = jnp.einsum(dx_spec, dlogits_BcV, w, preferred_element_type=jnp.float32).astype(x_BcD.dtype)
-    dw = dw + jnp.einsum(dw_spec, dlogits_BcV, x_BcD, preferred_element_type=jnp.float32)
-    return (loss, dw), dx_BcD
+    return (loss, dw + dw_partial(dlogits_BcV, x_BcD)), dx_BcD
 
   zero = jnp.zeros((), jnp.float32)
-  dw0 = jnp.zeros(w.shape, jnp.float32) if with_grads else zero
+  dw0 = jnp.zeros(dw_shape, jnp.float32) if with_grads else zero
+  if p * q > 1:
+    dw0 = nn.with_logical_constraint(dw0, ("act_batch", "act_seq", *dw_axes))
   (loss, dw), dx_nBcD = jax.lax.scan(chunk, (zero, dw0), (x_nBcD, targets_nBc, mask_nBc))
+  if p * q > 1:
+    dw = dw.sum((0, 1))
   return loss, dx_nBcD, dw
 
 

@@ -86,10 +86,11 @@ def _case(tied: bool):
   return cfg, params, batch, _loss_and_grads(cfg, losses.pretrain_loss_reference, params, batch)
 
 
-# 4 divides T = 16 (four chunks); 6 does not (three chunks of 6, two padded positions). The default
-# loss_chunk (1024 > T: one chunk) is the path of every other test of the train step; tied with chunk 4
-# is in the sharded test below.
-@pytest.mark.parametrize("tied, chunk", [(False, 4), (False, 6), (True, 6)])
+# loss_chunk counts tokens per device: over B = 4 rows on one device, 16 is 4 positions per row, which
+# divide T = 16 (four chunks); 24 is 6, which does not (three chunks of 6, two padded positions). The
+# default loss_chunk (2048 >= B·T: one chunk) is the path of most other tests of the train step; tied with
+# 4-position chunks is in the sharded test below.
+@pytest.mark.parametrize("tied, chunk", [(False, 16), (False, 24), (True, 24)])
 def test_chunked_loss_and_gradients_equal_the_reference(tied, chunk):
   cfg, params, batch, (want_loss, want_tokens, want_grads) = _case(tied)
   assert ("lm_head" in params) != tied
@@ -102,7 +103,8 @@ def test_chunked_loss_and_gradients_equal_the_reference(tied, chunk):
 
 
 def test_chunked_cross_entropy_matches_float64_numpy():
-  """The chunked function alone, against float64 NumPy, untied and tied, with padding (T=7, chunk 3)."""
+  """The chunked function alone, against float64 NumPy, untied and tied, with padding (T=7, 2 rows:
+  loss_chunk 6 = chunks of 3 positions)."""
   rng = np.random.default_rng(1)
   b, t, d, v = 2, 7, 8, 11
   x = rng.standard_normal((b, t, d)).astype(np.float32)
@@ -113,7 +115,7 @@ def test_chunked_cross_entropy_matches_float64_numpy():
   logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
   nll = logz - np.take_along_axis(logits, targets[..., None], -1)[..., 0]
   want = (nll * mask).sum()
-  base = dataclasses.replace(C.TINY, vocab_size=v, dim=d, loss_chunk=3)
+  base = dataclasses.replace(C.TINY, vocab_size=v, dim=d, loss_chunk=6)
   checked = jaxtyped(typechecker=beartype)(losses.chunked_cross_entropy)
   for cfg, w in ((base, w_dv), (dataclasses.replace(base, tie_embeddings=True), w_dv.T.copy())):
     total, count = checked(jnp.asarray(x), jnp.asarray(w), cfg, jnp.asarray(targets), jnp.asarray(mask))
@@ -121,6 +123,8 @@ def test_chunked_cross_entropy_matches_float64_numpy():
     assert float(total) == pytest.approx(want, rel=1e-6)
 
 
+# Chunks per device: 1 row x 6 positions (3 chunks, padded), 2 rows x 2 positions of the 8 on each
+# context device (4 chunks), 2 rows x 3 (3 chunks, padded).
 @pytest.mark.parametrize("tied, fsdp, cp, tensor, chunk", [(False, 4, 1, 2, 6), (True, 2, 2, 2, 4),
                                                          (False, 2, 2, 2, 6)])
 def test_chunked_loss_sharded_equals_one_device(tied, fsdp, cp, tensor, chunk, capfd):
@@ -140,6 +144,38 @@ def test_chunked_loss_sharded_equals_one_device(tied, fsdp, cp, tensor, chunk, c
   assert tokens == want_tokens
   assert loss == pytest.approx(want_loss, rel=RTOL)
   _assert_grads_close(grads, want_grads, per_leaf=False)
+
+
+@pytest.mark.parametrize("tied, fsdp, cp, tensor", [(False, 4, 1, 2), (True, 2, 2, 2)])
+def test_chunks_reduce_the_output_weight_gradient_once(tied, fsdp, cp, tensor):
+  """The output weight's gradient is a sum over every device's tokens: under FSDP (and context
+  parallelism) the chunks add their parts up unreduced and the step reduces the sum once, so 4 chunks
+  move the same gradient bytes as one (compiled only: the collectives in the HLO, times their runs).
+  Allowed: 1% — the loss and count scalars are reduced per chunk (4 bytes each)."""
+  from jax.sharding import NamedSharding
+  from llama_jax.training import aot
+  b, t, d, v = 8, 32, 64, 512
+
+  mesh = sharding.make_mesh(fsdp=fsdp, context=cp, tensor=tensor)
+
+  def reduced_bytes(chunk):
+    cfg = dataclasses.replace(C.TINY_TIED if tied else C.TINY, vocab_size=v, dim=d, loss_chunk=chunk)
+    with sharding.use(mesh, sharding.logical_rules(cfg, mesh)):
+      spec = lambda *axes: NamedSharding(mesh, sharding.activation_spec(axes))
+      x = jax.ShapeDtypeStruct((b, t, d), jnp.float32, sharding=spec("act_batch", "act_seq", "act_embed"))
+      w = jax.ShapeDtypeStruct((v, d) if tied else (d, v), jnp.float32,
+                               sharding=spec(*(("vocab", "embed") if tied else ("embed", "vocab"))))
+      ids = jax.ShapeDtypeStruct((b, t), jnp.int32, sharding=spec("act_batch", "act_seq"))
+      loss = lambda x, w, y, m: losses.chunked_cross_entropy(x, w, cfg, y, m)[0]
+      text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w, ids, ids).compile().as_text()
+    return sum(c.bytes * c.runs for c in aot.parse_collectives(text, mesh.size)
+               if c.kind in ("reduce-scatter", "all-reduce"))
+
+  # 8 rows x 32 positions: 2 x 32 tokens on a device of (4, 1, 2), 4 x 16 on one of (2, 2, 2); 16 tokens
+  # per chunk on each: 4 chunks.
+  one, four = reduced_bytes(b * t), reduced_bytes(16)
+  assert one >= d * v * 4 / tensor  # the output weight's gradient is among them
+  assert four == pytest.approx(one, rel=0.01)
 
 
 def test_chunked_loss_gradient_does_not_hold_the_logits():
@@ -171,10 +207,10 @@ def test_output_layer_matmuls_run_once_each(tied):
   """The loss's gradient costs the output layer's three matmuls (logits, d x, d W) and no recomputed
   logits; the loss alone (evaluation) costs one. Counted in the compiled HLO (profiling.hlo_ops: each
   instruction once, so one chunk's worth of the scan over chunks), with chunks and padding (T = 10,
-  chunk 4: 3 chunks of 4, 2 padded positions)."""
+  2 rows x 4 positions per chunk: 3 chunks of 4, 2 padded positions)."""
   from llama_jax.training import profiling
   b, t, d, v = 2, 10, 8, 64
-  cfg = dataclasses.replace(C.TINY, vocab_size=v, dim=d, loss_chunk=4, tie_embeddings=tied)
+  cfg = dataclasses.replace(C.TINY, vocab_size=v, dim=d, loss_chunk=8, tie_embeddings=tied)
   x = jnp.ones((b, t, d))
   w = jnp.ones((v, d) if tied else (d, v))
   targets, mask = jnp.zeros((b, t), jnp.int32), jnp.ones((b, t), jnp.int32)
