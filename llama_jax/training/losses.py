@@ -122,9 +122,13 @@ def _output_loss_scan(config: ModelConfig, x_nBcD, w_out, targets_nBc, mask_nBc,
     x_BcD, targets_Bc, mask_Bc = inputs
     logits_BcV = transformer.output_logits(x_BcD, w, config)  # fp32
     logz_Bc = jax.nn.logsumexp(logits_BcV, axis=-1)
-    # A masked sum, not take_along_axis: with V over `tensor` it reduces locally (see cross_entropy).
+    # The target's logit from the target's column of W (a [B, c, D] gather, as the input embedding's
+    # lookup: with V over `tensor` a local gather and a reduction of [B, c]), not a masked sum over
+    # [B, c, V]: that one would be a pass of its own over the logits.
+    w_target_BcD = w[targets_Bc] if tied else jnp.moveaxis(jnp.take(w, targets_Bc, axis=1), 0, -1)
+    target_logit_Bc = jnp.einsum("BcD,BcD->Bc", x_BcD.astype(w.dtype), w_target_BcD,
+                                 preferred_element_type=jnp.float32)
     hit_BcV = jnp.arange(logits_BcV.shape[-1]) == targets_Bc[..., None]
-    target_logit_Bc = jnp.sum(jnp.where(hit_BcV, logits_BcV, 0.0), axis=-1)
     loss = loss + jnp.sum((logz_Bc - target_logit_Bc) * mask_Bc)
     if not with_grads:
       return (loss, dw), None

@@ -168,14 +168,16 @@ def test_chunks_reduce_the_output_weight_gradient_once(tied, fsdp, cp, tensor):
       ids = jax.ShapeDtypeStruct((b, t), jnp.int32, sharding=spec("act_batch", "act_seq"))
       loss = lambda x, w, y, m: losses.chunked_cross_entropy(x, w, cfg, y, m)[0]
       text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w, ids, ids).compile().as_text()
-    return sum(c.bytes * c.runs for c in aot.parse_collectives(text, mesh.size)
-               if c.kind in ("reduce-scatter", "all-reduce"))
+    found = aot.parse_collectives(text, mesh.size)
+    total = lambda kinds: sum(c.bytes * c.runs for c in found if c.kind in kinds)
+    return total(("reduce-scatter", "all-reduce")), total(("all-gather",))
 
   # 8 rows x 32 positions: 2 x 32 tokens on a device of (4, 1, 2), 4 x 16 on one of (2, 2, 2); 16 tokens
   # per chunk on each: 4 chunks.
-  one, four = reduced_bytes(b * t), reduced_bytes(16)
+  (one, gathered_one), (four, gathered_four) = reduced_bytes(b * t), reduced_bytes(16)
   assert one >= d * v * 4 / tensor  # the output weight's gradient is among them
   assert four == pytest.approx(one, rel=0.01)
+  assert gathered_four == gathered_one  # W's FSDP all-gather, not once per chunk
 
 
 def test_chunked_loss_gradient_does_not_hold_the_logits():
