@@ -56,10 +56,10 @@ def _allowed_Bts(m, i, j, causal):
   return allowed_Bts
 
 
-def _scores_BKGts(q_BtKGH, k_BsKH, allowed_Bts):
+def _scores_BKGts(q_BKGtH, k_BKsH, allowed_Bts):
   # Scores and softmax statistics in fp32 whatever the input dtype (as the oracle does).
-  s_BKGts = jnp.einsum("BtKGH,BsKH->BKGts", q_BtKGH, k_BsKH, preferred_element_type=jnp.float32)
-  s_BKGts = s_BKGts / jnp.sqrt(jnp.float32(q_BtKGH.shape[-1]))
+  s_BKGts = jnp.einsum("BKGtH,BKsH->BKGts", q_BKGtH, k_BKsH, preferred_element_type=jnp.float32)
+  s_BKGts = s_BKGts / jnp.sqrt(jnp.float32(q_BKGtH.shape[-1]))
   return jnp.where(allowed_Bts[:, None, None], s_BKGts, _MASKED)
 
 
@@ -83,11 +83,11 @@ def _visit_IJ(m, causal):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _flash(q_IBtKGH, k_JBsKH, v_JBsKH, m, causal):
-  return _forward(q_IBtKGH, k_JBsKH, v_JBsKH, m, causal)[0]
+def _flash(q_IBKGtH, k_JBKsH, v_JBKsH, m, causal):
+  return _forward(q_IBKGtH, k_JBKsH, v_JBKsH, m, causal)[0]
 
 
-def _forward(q_IBtKGH, k_JBsKH, v_JBsKH, m, causal):
+def _forward(q_IBKGtH, k_JBKsH, v_JBKsH, m, causal):
   # One barrier over all the operands, so that partial evaluation treats the block loops as a unit. Under
   # a `lax.scan` (the Transformer's layers), the scan's linearization hoists loop-invariant work out of
   # the loop by partially evaluating its body with the scan's constants known (jax/_src/lax/control_flow/
@@ -97,24 +97,24 @@ def _forward(q_IBtKGH, k_JBsKH, v_JBsKH, m, causal):
   # them alone (k/v block slices, the [B, t, s] mask, its [B, K, G, t, s] broadcast), an O(T·S) array.
   # optimization_barrier has no partial-evaluation rule of its own: one unknown operand makes all its
   # outputs unknown, so nothing inside the loops is known apart from q.
-  q_IBtKGH, k_JBsKH, v_JBsKH, m = lax.optimization_barrier((q_IBtKGH, k_JBsKH, v_JBsKH, m))
+  q_IBKGtH, k_JBKsH, v_JBKsH, m = lax.optimization_barrier((q_IBKGtH, k_JBKsH, v_JBKsH, m))
   visit_IJ = _visit_IJ(m, causal)
-  _, b, t, k, g, h = q_IBtKGH.shape
+  _, b, k, g, t, h = q_IBKGtH.shape
 
   def q_block(i):
-    q_BtKGH = q_IBtKGH[i]
+    q_BKGtH = q_IBKGtH[i]
 
     def kv_block(j, carry):
       def compute(carry):
         max_BKGt, sum_BKGt, acc_BKGtH = carry
-        v_BsKH = v_JBsKH[j]
-        s_BKGts = _scores_BKGts(q_BtKGH, k_JBsKH[j], _allowed_Bts(m, i, j, causal))
+        v_BKsH = v_JBKsH[j]
+        s_BKGts = _scores_BKGts(q_BKGtH, k_JBKsH[j], _allowed_Bts(m, i, j, causal))
         new_max_BKGt = jnp.maximum(max_BKGt, s_BKGts.max(-1))
         p_BKGts = jnp.exp(s_BKGts - new_max_BKGt[..., None])
         rescale_BKGt = jnp.exp(max_BKGt - new_max_BKGt)
         sum_BKGt = rescale_BKGt * sum_BKGt + p_BKGts.sum(-1)
         # Probabilities in the value dtype for the matmul (as the oracle), accumulated in fp32.
-        pv_BKGtH = jnp.einsum("BKGts,BsKH->BKGtH", p_BKGts.astype(v_BsKH.dtype), v_BsKH,
+        pv_BKGtH = jnp.einsum("BKGts,BKsH->BKGtH", p_BKGts.astype(v_BKsH.dtype), v_BKsH,
                               preferred_element_type=jnp.float32)
         return new_max_BKGt, sum_BKGt, rescale_BKGt[..., None] * acc_BKGtH + pv_BKGtH
 
@@ -122,60 +122,60 @@ def _forward(q_IBtKGH, k_JBsKH, v_JBsKH, m, causal):
 
     init = (jnp.full((b, k, g, t), _MASKED, jnp.float32), jnp.zeros((b, k, g, t), jnp.float32),
             jnp.zeros((b, k, g, t, h), jnp.float32))
-    max_BKGt, sum_BKGt, acc_BKGtH = lax.fori_loop(0, k_JBsKH.shape[0], kv_block, init)
+    max_BKGt, sum_BKGt, acc_BKGtH = lax.fori_loop(0, k_JBKsH.shape[0], kv_block, init)
     # A query no visited block reaches (none in self-attention: each sees itself) gets 0, not 0/0.
     sum_BKGt = jnp.where(sum_BKGt == 0, 1.0, sum_BKGt)
-    out_BtKGH = jnp.einsum("BKGtH->BtKGH", acc_BKGtH / sum_BKGt[..., None]).astype(v_JBsKH.dtype)
-    return out_BtKGH, max_BKGt + jnp.log(sum_BKGt)
+    out_BKGtH = (acc_BKGtH / sum_BKGt[..., None]).astype(v_JBKsH.dtype)
+    return out_BKGtH, max_BKGt + jnp.log(sum_BKGt)
 
-  out_IBtKGH, lse_IBKGt = lax.map(q_block, jnp.arange(q_IBtKGH.shape[0]))
-  return out_IBtKGH, (q_IBtKGH, k_JBsKH, v_JBsKH, m, out_IBtKGH, lse_IBKGt)
+  out_IBKGtH, lse_IBKGt = lax.map(q_block, jnp.arange(q_IBKGtH.shape[0]))
+  return out_IBKGtH, (q_IBKGtH, k_JBKsH, v_JBKsH, m, out_IBKGtH, lse_IBKGt)
 
 
-def _backward(causal, res, dout_IBtKGH):
-  q_IBtKGH, k_JBsKH, v_JBsKH, m, out_IBtKGH, lse_IBKGt = res
+def _backward(causal, res, dout_IBKGtH):
+  q_IBKGtH, k_JBKsH, v_JBKsH, m, out_IBKGtH, lse_IBKGt = res
   visit_IJ = _visit_IJ(m, causal)
-  scale = 1 / jnp.sqrt(jnp.float32(q_IBtKGH.shape[-1]))
+  scale = 1 / jnp.sqrt(jnp.float32(q_IBKGtH.shape[-1]))
   # D_i = rowsum(dO ∘ O) (FlashAttention-2): the softmax backward's subtracted term, in fp32.
-  delta_IBKGt = jnp.einsum("IBtKGH,IBtKGH->IBKGt", dout_IBtKGH, out_IBtKGH,
+  delta_IBKGt = jnp.einsum("IBKGtH,IBKGtH->IBKGt", dout_IBKGtH, out_IBKGtH,
                            preferred_element_type=jnp.float32)
 
-  def kv_block(dq_IBtKGH, j):
-    k_BsKH, v_BsKH = k_JBsKH[j], v_JBsKH[j]
+  def kv_block(dq_IBKGtH, j):
+    k_BKsH, v_BKsH = k_JBKsH[j], v_JBKsH[j]
 
     def q_block(i, carry):
-      dq_IBtKGH, dk_BsKH, dv_BsKH = carry
+      dq_IBKGtH, dk_BKsH, dv_BKsH = carry
 
       def compute(args):
-        dq_BtKGH, dk_BsKH, dv_BsKH = args
-        q_BtKGH, dout_BtKGH = q_IBtKGH[i], dout_IBtKGH[i]
+        dq_BKGtH, dk_BKsH, dv_BKsH = args
+        q_BKGtH, dout_BKGtH = q_IBKGtH[i], dout_IBKGtH[i]
         allowed_Bts = _allowed_Bts(m, i, j, causal)
-        p_BKGts = jnp.exp(_scores_BKGts(q_BtKGH, k_BsKH, allowed_Bts) - lse_IBKGt[i][..., None])
-        dv_BsKH += jnp.einsum("BKGts,BtKGH->BsKH", p_BKGts.astype(dout_BtKGH.dtype), dout_BtKGH,
+        p_BKGts = jnp.exp(_scores_BKGts(q_BKGtH, k_BKsH, allowed_Bts) - lse_IBKGt[i][..., None])
+        dv_BKsH += jnp.einsum("BKGts,BKGtH->BKsH", p_BKGts.astype(dout_BKGtH.dtype), dout_BKGtH,
                               preferred_element_type=jnp.float32)
-        dp_BKGts = jnp.einsum("BtKGH,BsKH->BKGts", dout_BtKGH, v_BsKH, preferred_element_type=jnp.float32)
+        dp_BKGts = jnp.einsum("BKGtH,BKsH->BKGts", dout_BKGtH, v_BKsH, preferred_element_type=jnp.float32)
         # Masked logits are constants in the oracle (jnp.where): no gradient reaches q or k through them.
         ds_BKGts = jnp.where(allowed_Bts[:, None, None], p_BKGts * (dp_BKGts - delta_IBKGt[i][..., None]),
                              0.0) * scale
-        dq_BtKGH += jnp.einsum("BKGts,BsKH->BtKGH", ds_BKGts.astype(k_BsKH.dtype), k_BsKH,
+        dq_BKGtH += jnp.einsum("BKGts,BKsH->BKGtH", ds_BKGts.astype(k_BKsH.dtype), k_BKsH,
                                preferred_element_type=jnp.float32)
-        dk_BsKH += jnp.einsum("BKGts,BtKGH->BsKH", ds_BKGts.astype(q_BtKGH.dtype), q_BtKGH,
+        dk_BKsH += jnp.einsum("BKGts,BKGtH->BKsH", ds_BKGts.astype(q_BKGtH.dtype), q_BKGtH,
                               preferred_element_type=jnp.float32)
-        return dq_BtKGH, dk_BsKH, dv_BsKH
+        return dq_BKGtH, dk_BKsH, dv_BKsH
 
       # Only block-sized operands go through the cond; the full dq is updated in place outside it.
-      dq_BtKGH, dk_BsKH, dv_BsKH = lax.cond(visit_IJ[i, j], compute, lambda a: a,
-                                            (dq_IBtKGH[i], dk_BsKH, dv_BsKH))
-      return dq_IBtKGH.at[i].set(dq_BtKGH), dk_BsKH, dv_BsKH
+      dq_BKGtH, dk_BKsH, dv_BKsH = lax.cond(visit_IJ[i, j], compute, lambda a: a,
+                                            (dq_IBKGtH[i], dk_BKsH, dv_BKsH))
+      return dq_IBKGtH.at[i].set(dq_BKGtH), dk_BKsH, dv_BKsH
 
-    zeros = jnp.zeros(k_BsKH.shape, jnp.float32)
-    dq_IBtKGH, dk_BsKH, dv_BsKH = lax.fori_loop(0, q_IBtKGH.shape[0], q_block, (dq_IBtKGH, zeros, zeros))
-    return dq_IBtKGH, (dk_BsKH, dv_BsKH)
+    zeros = jnp.zeros(k_BKsH.shape, jnp.float32)
+    dq_IBKGtH, dk_BKsH, dv_BKsH = lax.fori_loop(0, q_IBKGtH.shape[0], q_block, (dq_IBKGtH, zeros, zeros))
+    return dq_IBKGtH, (dk_BKsH, dv_BKsH)
 
-  dq_IBtKGH, (dk_JBsKH, dv_JBsKH) = lax.scan(kv_block, jnp.zeros(q_IBtKGH.shape, jnp.float32),
-                                             jnp.arange(k_JBsKH.shape[0]))
+  dq_IBKGtH, (dk_JBKsH, dv_JBKsH) = lax.scan(kv_block, jnp.zeros(q_IBKGtH.shape, jnp.float32),
+                                             jnp.arange(k_JBKsH.shape[0]))
   # The mask description is integers: no cotangent (None).
-  return (dq_IBtKGH.astype(q_IBtKGH.dtype), dk_JBsKH.astype(k_JBsKH.dtype), dv_JBsKH.astype(v_JBsKH.dtype),
+  return (dq_IBKGtH.astype(q_IBKGtH.dtype), dk_JBKsH.astype(k_JBKsH.dtype), dv_JBKsH.astype(v_JBKsH.dtype),
           None)
 
 
@@ -202,6 +202,9 @@ def blockwise_attention(q_BTKGH: Float[Array, "B T K G H"], k_BSKH: Float[Array,
   if info.q_segment_BT is not None:
     m["q_segment_IBt"] = _blocks(_pad(info.q_segment_BT.astype(jnp.int32), n_q * bq, -1), n_q)
     m["kv_segment_JBs"] = _blocks(_pad(info.kv_segment_BS.astype(jnp.int32), n_kv * bkv, -1), n_kv)
-  out_IBtKGH = _flash(_blocks(_pad(q_BTKGH, n_q * bq, 0), n_q), _blocks(_pad(k_BSKH, n_kv * bkv, 0), n_kv),
-                      _blocks(_pad(v_BSKH, n_kv * bkv, 0), n_kv), m, info.causal)
-  return _unblocks(out_IBtKGH)[:, :t]
+  # Blocks head-major ([.., K, G, t, H], [.., K, s, H]) once per call: every block matmul then reads its
+  # operands in place instead of transposing a block per block pair.
+  q_IBKGtH = jnp.moveaxis(_blocks(_pad(q_BTKGH, n_q * bq, 0), n_q), 2, 4)
+  k_JBKsH, v_JBKsH = (jnp.moveaxis(_blocks(_pad(x, n_kv * bkv, 0), n_kv), 2, 3) for x in (k_BSKH, v_BSKH))
+  out_IBKGtH = _flash(q_IBKGtH, k_JBKsH, v_JBKsH, m, info.causal)
+  return _unblocks(jnp.moveaxis(out_IBKGtH, 4, 2))[:, :t]
