@@ -8,7 +8,9 @@ Compiles the real train step (llama_jax/training/step.py) on one device, times -
 blocked on, median), then traces --trace_steps more with jax.profiler and joins the trace's events with
 the compiled HLO (llama_jax/training/profiling.py): time per category — matmul, elementwise, reduction,
 copy/transpose, collective — summed over the events (on CPU the runtime runs independent ops on both
-cores at once, so the sum can exceed the wall time), and each large matmul's FLOP/s against the measured
+cores at once, so the sum can exceed the wall time); the traced wall time split per category and per
+source op (each instant shared by the ops running then; idle where none runs), which adds up to the
+step; and each large matmul's FLOP/s against the measured
 peak: the best of a jitted fp32 n×n matmul for n in 1024, 2048 (the same runtime, one op alone).
 """
 
@@ -76,7 +78,9 @@ def main(argv):
         state, metrics = compiled(state, b)
       jax.block_until_ready((state, metrics))
     path = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))[-1]
-    events = list(profiling.trace_events(jax.profiler.ProfileData.from_file(path)))
+    profile = jax.profiler.ProfileData.from_file(path)
+    events = list(profiling.trace_events(profile))
+    wall = profiling.wall_breakdown(ops, profiling.trace_spans(profile), steps=_TRACE.value)
   cats, per_op, others = profiling.breakdown(ops, events, steps=_TRACE.value)
 
   peak = max(flops.measure_matmul_peak(n=n, repeats=5) for n in (1024, 2048))
@@ -97,6 +101,14 @@ def main(argv):
     rate = r.flops / r.seconds / 1e9 if r.flops and r.seconds else None
     print(f"{r.category:<15} {r.seconds:>8.3f} {r.seconds / busy:>6.1%} {r.events:>8} "
           f"{r.flops / 1e9:>10.1f} " + (f"{rate:>8.1f} {rate * 1e9 / peak:>7.1%}" if rate else ""))
+  print(f"\nwall time per step (each instant split over the ops running then): traced span {wall.span:.3f} s, "
+        f"no op running {wall.idle:.3f} s")
+  for c, sec in sorted(wall.by_category.items(), key=lambda kv: -kv[1]):
+    if sec:
+      print(f"  {c:<15} {sec:>7.3f} s  {sec / wall.span:>6.1%}")
+  print("largest by source (wall s/step; the backward's ops under their forward op's name, 'bwd'):")
+  for (c, src), sec in sorted(wall.by_source.items(), key=lambda kv: -kv[1])[:2 * _TOP.value]:
+    print(f"  {c:<15} {sec:>7.3f} s  {src[:70]}")
   print("\nlargest other ops (time per step):")
   for name, r in sorted(others.items(), key=lambda kv: -kv[1].seconds)[:_TOP.value]:
     print(f"  {name:<28} {r.category:<15} {r.seconds:>7.3f} s  x{r.events:<3} {ops[name].out_bytes / 2**20:>8.1f} MiB out  {ops[name].source[:60]}")

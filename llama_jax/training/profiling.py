@@ -6,7 +6,9 @@ matmuls, its FLOPs (2 · output elements · contracted size, read off the dot's 
 reads a `jax.profiler` trace (`ProfileData`): on CPU each executed instruction (thunk) is an event named
 after it; on TPU/GPU the device planes carry the same names. `breakdown` adds the events up per category
 (time, count, and the matmuls' FLOPs, so their achieved FLOP/s), which is what
-`benchmarks/profile_step.py` prints.
+`benchmarks/profile_step.py` prints. Ops' summed times overcount the step where the runtime runs
+independent ops at once (on CPU, both cores); `wall_breakdown` splits the traced wall time instead: each
+instant shared equally by the ops running then, and the instants when none runs counted as idle.
 
 Containers (while loops, calls, conditionals) are not counted: their bodies' instructions are, once per
 executed iteration, so a scan over layers counts every layer.
@@ -167,6 +169,14 @@ def trace_events(profile) -> Iterable[tuple[str, int]]:
         yield ev.name, ev.duration_ns
 
 
+def trace_spans(profile) -> Iterable[tuple[str, int, int]]:
+  """(event name, start ns, end ns) of every event of a `jax.profiler.ProfileData`."""
+  for plane in profile.planes:
+    for line in plane.lines:
+      for ev in line.events:
+        yield ev.name, ev.start_ns, ev.end_ns
+
+
 @dataclasses.dataclass
 class Row:
   category: str
@@ -192,3 +202,41 @@ def breakdown(ops: dict[str, Op], events: Iterable[tuple[str, int]], steps: int 
   for row in [*cats.values(), *per_op.values(), *others.values()]:
     row.events //= steps
   return cats, per_op, others
+
+
+@dataclasses.dataclass
+class Wall:
+  """Traced wall time per step: `span` from the first op's start to the last op's end, `idle` the part
+  of it when no op ran, and the rest split over the ops running at each instant."""
+  span: float
+  idle: float
+  by_category: dict[str, float]
+  by_source: dict[tuple[str, str], float]  # (category, source) -> seconds
+
+
+def wall_breakdown(ops: dict[str, Op], spans: Iterable[tuple[str, int, int]], steps: int = 1) -> Wall:
+  """Split the wall time of the traced ops (events not naming an op of `ops` are ignored) per step."""
+  evs = [(ops[n], a, b) for n, a, b in spans if n in ops and b > a]
+  by_cat = {c: 0.0 for c in CATEGORIES}
+  by_src: dict[tuple[str, str], float] = {}
+  if not evs:
+    return Wall(0.0, 0.0, by_cat, by_src)
+  edges = sorted([(a, 1, i) for i, (_, a, _) in enumerate(evs)] + [(b, 0, i) for i, (_, _, b) in enumerate(evs)])
+  running: set[int] = set()
+  idle, last = 0, edges[0][0]
+  for t, starts, i in edges:  # at equal times ends (0) come before starts (1)
+    if t > last:
+      if running:
+        share = (t - last) / len(running)
+        for j in running:
+          op = evs[j][0]
+          by_cat[op.category] += share
+          key = (op.category, op.source)
+          by_src[key] = by_src.get(key, 0.0) + share
+      else:
+        idle += t - last
+      last = t
+    (running.add if starts else running.discard)(i)
+  per = lambda ns: ns * 1e-9 / steps
+  return Wall(per(edges[-1][0] - edges[0][0]), per(idle), {c: per(v) for c, v in by_cat.items()},
+              {k: per(v) for k, v in by_src.items()})

@@ -7,6 +7,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from llama_jax.training import profiling
@@ -67,3 +68,17 @@ def test_breakdown_of_a_real_trace(tmp_path):
   assert cats["matmul"].flops == 3 * 2 * 128**3
   assert cats["matmul"].seconds > 0
   assert sum(r.events for r in matmuls.values()) == 3
+
+
+def test_wall_breakdown_splits_overlapping_ops_and_counts_idle_time():
+  """Hand-made spans (ns): a matmul [0, 10), a copy [5, 15) under it, nothing [15, 20), the matmul
+  again [20, 30), over 2 steps. Overlap is shared half and half; the gap is idle; all of it is the span."""
+  ops = {"dot.1": profiling.Op("matmul", 10, 4, "mlp"), "copy.2": profiling.Op("copy/transpose", 0, 4, "attn")}
+  spans = [("dot.1", 0, 10), ("copy.2", 5, 15), ("dot.1", 20, 30), ("unknown-event", 0, 100)]
+  wall = profiling.wall_breakdown(ops, spans, steps=2)
+  ns = lambda x: pytest.approx(x * 1e-9 / 2, rel=1e-12)  # per step, in seconds (float rounding only)
+  assert (wall.span, wall.idle) == (ns(30), ns(5))
+  assert wall.by_category["matmul"] == ns(5 + 2.5 + 10)
+  assert wall.by_category["copy/transpose"] == ns(2.5 + 5)
+  assert wall.by_source == {("matmul", "mlp"): ns(17.5), ("copy/transpose", "attn"): ns(7.5)}
+  assert sum(wall.by_category.values()) + wall.idle == ns(30)
