@@ -4,7 +4,7 @@
   python benchmarks/loss_memory.py --vocabs=128256 --seq_lens=8192 --loss_chunk=1024 --steps=0
 
 For each vocabulary and length, `jax.value_and_grad` of losses.pretrain_loss_reference (the model's whole
-fp32 logits, then cross_entropy) and of losses.pretrain_loss (ModelConfig.loss_chunk positions at a time,
+fp32 logits, then cross_entropy) and of losses.pretrain_loss (ModelConfig.loss_chunk tokens at a time: positions, at batch 1,
 rematerialized) on a one-layer tiny model, batch 1, fp32, one device, is lowered and compiled;
 `compiled.memory_analysis().temp_size_in_bytes` is XLA's peak of temporary buffers (logits, activations,
 gradients; not the params or the batch). `logits` is the size of one fp32 [B, T, V] array: the plain
@@ -26,7 +26,7 @@ from llama_jax.training import losses
 
 _VOCABS = flags.DEFINE_list("vocabs", ["128256", "32000"], "Vocabulary sizes V.")
 _SEQ_LENS = flags.DEFINE_list("seq_lens", ["512", "2048"], "Sequence lengths T (batch 1).")
-_CHUNK = flags.DEFINE_integer("loss_chunk", 256, "ModelConfig.loss_chunk of the chunked loss.")
+_CHUNK = flags.DEFINE_integer("loss_chunk", 256, "ModelConfig.loss_chunk of the chunked loss (tokens per device).")
 _STEPS = flags.DEFINE_integer("steps", 3, "Timed steps after one warm-up step (0: compile only).")
 
 LOSSES = {"plain": losses.pretrain_loss_reference, "chunked": losses.pretrain_loss}

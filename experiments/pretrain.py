@@ -59,8 +59,8 @@ _REMAT = flags.DEFINE_enum("remat_policy", None, ["none", "full", "dots_saveable
                                                   "dots_with_no_batch_dims_saveable"], "Rematerialization.")
 _ATTENTION = flags.DEFINE_enum("attention_impl", None, list(AttentionImpl.__args__),
                                "Attention kernel; auto: splash on TPU, cuDNN on GPU, einsum on CPU.")
-_LOSS_CHUNK = flags.DEFINE_integer("loss_chunk", None, "Sequence positions whose fp32 logits the loss "
-                                   "computes at a time (ModelConfig.loss_chunk).")
+_LOSS_CHUNK = flags.DEFINE_integer("loss_chunk", None, "Tokens per device whose fp32 logits the loss "
+                                   "computes at a time (ModelConfig.loss_chunk; rows on a device x positions).")
 distributed.define_flags()
 FLAGS = flags.FLAGS
 
