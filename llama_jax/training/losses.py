@@ -5,7 +5,7 @@ loss (and gradient) by the total count once and reports each aux sum as a metric
 DPO differ by this function and the data, never by a branch in the train step.
 
 Next-token losses take the model's final hidden states and apply the output layer themselves, a chunk of
-positions at a time, taking its gradient in the same pass (`chunked_cross_entropy`), so no [B, T, V] fp32
+tokens at a time, taking its gradient in the same pass (`chunked_cross_entropy`), so no [B, T, V] fp32
 logits are ever held and none are recomputed; the plain
 `cross_entropy` of the whole logits is their oracle (`pretrain_loss_reference`).
 """
@@ -57,16 +57,20 @@ def chunked_cross_entropy(x_BTD: Float[Array, "B T D"], w_out: Float[Array, "...
   through softmax and its transposed copies make.
 
   A chunk is every row's c positions: c = loss_chunk / (rows on a device), in positions on a device
-  (×Q globally where Q devices split T), so the bound holds per device whatever the mesh; T splits into
-  n equal chunks (padded up, the padding masked out). Chunk j holds positions j, j + n, j + 2n, ...:
-  taking strided positions keeps every chunk spread over the `context` devices that split T, as
-  llama_jax/training/step.py's microbatches are spread over the batch devices, with no data movement.
+  (×Q globally where Q devices split T), so the bound holds per device whatever the mesh (at least one
+  position per row: more rows on a device than loss_chunk exceed it). T splits into n equal chunks: n
+  divides the positions on a device where a divisor within 2× of the fewest chunks exists, else T is
+  padded up (the padding masked out; under context parallelism padding moves data). Chunk j holds
+  positions j, j + n, j + 2n, ...: taking strided positions keeps every chunk spread over the `context`
+  devices that split T, as llama_jax/training/step.py's microbatches are spread over the batch devices.
   """
   b, t, d = x_BTD.shape
   p, q = _contraction_split(b, t)  # devices splitting the rows and the positions
+  t_local = t // q
   per_device = max(1, config.loss_chunk // (b // p))  # positions of a chunk on one device
-  n = -(-(t // q) // per_device)  # chunks
-  c = q * -(-(t // q) // n)  # positions per chunk, over all devices (<= Q · per_device)
+  fewest = -(-t_local // per_device)
+  n = next((k for k in range(fewest, min(2 * fewest, t_local) + 1) if t_local % k == 0), fewest)  # chunks
+  c = q * -(-t_local // n)  # positions per chunk, over all devices (<= Q · per_device)
   pad = n * c - t
   if pad:  # masked positions: zero hidden states, target 0, mask 0
     x_BTD = jnp.pad(x_BTD, ((0, 0), (0, pad), (0, 0)))
@@ -76,12 +80,14 @@ def chunked_cross_entropy(x_BTD: Float[Array, "B T D"], w_out: Float[Array, "...
   x_nBcD = nn.with_logical_constraint(chunks(x_BTD), (None, "act_batch", "act_seq", "act_embed"))
   targets_nBc, mask_nBc = (nn.with_logical_constraint(chunks(a), (None, "act_batch", "act_seq"))
                            for a in (targets_BT, mask_BT.astype(jnp.float32)))
-  return _fused_output_loss(config, x_nBcD, w_out, targets_nBc, mask_nBc), jnp.sum(mask_nBc)
+  split = (p, q) if n > 1 else (1, 1)  # one chunk: its d W is reduced once anyway
+  return _fused_output_loss(config, split, x_nBcD, w_out, targets_nBc, mask_nBc), jnp.sum(mask_nBc)
 
 
 def _contraction_split(b: int, c: int) -> tuple[int, int]:
   """(P, Q): how many devices split a chunk's rows (act_batch) and its positions (act_seq) in this
-  context — the output weight's gradient sums over both, so each device holds a partial sum of it."""
+  context — the output weight's gradient sums over both, so each device holds a partial sum of it. 1
+  where the size does not divide (the model's own check_divisible rejects such batches before)."""
   if jax.sharding.get_abstract_mesh().empty:
     return 1, 1
   spec = sharding.activation_spec(("act_batch", "act_seq"))
@@ -89,28 +95,34 @@ def _contraction_split(b: int, c: int) -> tuple[int, int]:
   return (p if b % p == 0 else 1), (q if c % q == 0 else 1)
 
 
-def _output_loss_scan(config: ModelConfig, x_nBcD, w_out, targets_nBc, mask_nBc, with_grads: bool):
+def _output_loss_scan(config: ModelConfig, split: tuple[int, int], x_nBcD, w_out, targets_nBc, mask_nBc,
+                      with_grads: bool):
   """loss sum over the chunks, and with_grads: (d loss/d x_nBcD, d loss/d w_out in fp32).
 
   d W sums over the tokens of every device. Added up chunk by chunk into a W-shaped (so W-sharded)
   carry, every chunk's partial sum would be reduced across the devices on its own — n reductions of
   W's size under FSDP where the step needs one. With more than one chunk the carry is instead one
   partial sum per device, [P, Q, *W] split over the devices of the rows (P) and positions (Q) — no
-  communication inside the scan — and summed over P, Q once after it (XLA reduces it onto W's shards).
-  It costs one unreduced fp32 W (its tensor shard) per device: the size of the partial product each
-  chunk made anyway."""
-  w = w_out.astype(config.dtype)
+  communication inside the scan — and summed over P, Q once after it (one reduction per microbatch of
+  the train step). It costs one unreduced fp32 W (its tensor shard: V·D·4/tensor bytes, 2 GiB for
+  the 8B's [4096, 128256]) per device while the loss runs: the size of the partial product each chunk
+  made anyway; tests/training/test_aot.py's goldens hold the memory of the presets.
+
+  W is gathered over `fsdp` once, before the scan (split over `tensor` by V as the logits are): left
+  to itself XLA gathered it once for the logits and once more for d x."""
   tied = config.tie_embeddings  # w: [V, D] tied (the embedding table), else [D, V]
+  w_axes = ("act_vocab", "act_embed") if tied else ("act_embed", "act_vocab")
+  w = nn.with_logical_constraint(w_out.astype(config.dtype), w_axes)
   dx_spec = "BcV,VD->BcD" if tied else "BcV,DV->BcD"
   n, b, c, _ = x_nBcD.shape
-  p, q = _contraction_split(b, c) if with_grads and n > 1 else (1, 1)
-  dw_axes = ("act_vocab", "act_embed") if tied else ("act_embed", "act_vocab")
+  p, q = split if with_grads else (1, 1)
+  dw_axes = ("act_batch" if p > 1 else None, "act_seq" if q > 1 else None, *w_axes)
   if p * q > 1:
     dw_spec = "PbQcV,PbQcD->PQVD" if tied else "PbQcV,PbQcD->PQDV"
     split = lambda a_BcX: a_BcX.reshape(p, b // p, q, c // q, a_BcX.shape[-1])
     dw_partial = lambda dl_BcV, x_BcD: nn.with_logical_constraint(
         jnp.einsum(dw_spec, split(dl_BcV), split(x_BcD), preferred_element_type=jnp.float32),
-        ("act_batch", "act_seq", *dw_axes))
+        dw_axes)
     dw_shape = (p, q, *w.shape)
   else:
     dw_spec = "BcV,BcD->VD" if tied else "BcV,BcD->DV"
@@ -122,13 +134,9 @@ def _output_loss_scan(config: ModelConfig, x_nBcD, w_out, targets_nBc, mask_nBc,
     x_BcD, targets_Bc, mask_Bc = inputs
     logits_BcV = transformer.output_logits(x_BcD, w, config)  # fp32
     logz_Bc = jax.nn.logsumexp(logits_BcV, axis=-1)
-    # The target's logit from the target's column of W (a [B, c, D] gather, as the input embedding's
-    # lookup: with V over `tensor` a local gather and a reduction of [B, c]), not a masked sum over
-    # [B, c, V]: that one would be a pass of its own over the logits.
-    w_target_BcD = w[targets_Bc] if tied else jnp.moveaxis(jnp.take(w, targets_Bc, axis=1), 0, -1)
-    target_logit_Bc = jnp.einsum("BcD,BcD->Bc", x_BcD.astype(w.dtype), w_target_BcD,
-                                 preferred_element_type=jnp.float32)
+    # A masked sum, not take_along_axis: with V over `tensor` it reduces locally (see cross_entropy).
     hit_BcV = jnp.arange(logits_BcV.shape[-1]) == targets_Bc[..., None]
+    target_logit_Bc = jnp.sum(jnp.where(hit_BcV, logits_BcV, 0.0), axis=-1)
     loss = loss + jnp.sum((logz_Bc - target_logit_Bc) * mask_Bc)
     if not with_grads:
       return (loss, dw), None
@@ -141,26 +149,26 @@ def _output_loss_scan(config: ModelConfig, x_nBcD, w_out, targets_nBc, mask_nBc,
   zero = jnp.zeros((), jnp.float32)
   dw0 = jnp.zeros(dw_shape, jnp.float32) if with_grads else zero
   if p * q > 1:
-    dw0 = nn.with_logical_constraint(dw0, ("act_batch", "act_seq", *dw_axes))
+    dw0 = nn.with_logical_constraint(dw0, dw_axes)
   (loss, dw), dx_nBcD = jax.lax.scan(chunk, (zero, dw0), (x_nBcD, targets_nBc, mask_nBc))
   if p * q > 1:
     dw = dw.sum((0, 1))
   return loss, dx_nBcD, dw
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _fused_output_loss(config, x_nBcD, w_out, targets_nBc, mask_nBc):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _fused_output_loss(config, split, x_nBcD, w_out, targets_nBc, mask_nBc):
   """Σ mask · NLL of the output layer on chunked hidden states (no gradient work when not differentiated)."""
-  return _output_loss_scan(config, x_nBcD, w_out, targets_nBc, mask_nBc, with_grads=False)[0]
+  return _output_loss_scan(config, split, x_nBcD, w_out, targets_nBc, mask_nBc, with_grads=False)[0]
 
 
-def _fused_output_loss_fwd(config, x_nBcD, w_out, targets_nBc, mask_nBc):
-  loss, dx_nBcD, dw = _output_loss_scan(config, x_nBcD, w_out, targets_nBc, mask_nBc, with_grads=True)
+def _fused_output_loss_fwd(config, split, x_nBcD, w_out, targets_nBc, mask_nBc):
+  loss, dx_nBcD, dw = _output_loss_scan(config, split, x_nBcD, w_out, targets_nBc, mask_nBc, with_grads=True)
   return loss, (dx_nBcD, dw.astype(w_out.dtype))
 
 
-def _fused_output_loss_bwd(config, residuals, g):
-  del config
+def _fused_output_loss_bwd(config, split, residuals, g):
+  del config, split
   dx_nBcD, dw = residuals
   # Targets and mask are data: no cotangent.
   return (g.astype(dx_nBcD.dtype) * dx_nBcD, g.astype(dw.dtype) * dw, None, None)

@@ -86,11 +86,10 @@ def _case(tied: bool):
   return cfg, params, batch, _loss_and_grads(cfg, losses.pretrain_loss_reference, params, batch)
 
 
-# loss_chunk counts tokens per device: over B = 4 rows on one device, 16 is 4 positions per row, which
-# divide T = 16 (four chunks); 24 is 6, which does not (three chunks of 6, two padded positions). The
-# default loss_chunk (2048 >= B·T: one chunk) is the path of most other tests of the train step; tied with
-# 4-position chunks is in the sharded test below.
-@pytest.mark.parametrize("tied, chunk", [(False, 16), (False, 24), (True, 24)])
+# loss_chunk counts tokens per device: over B = 4 rows on one device, 16 is 4 positions per row (four
+# chunks of T = 16), 32 is 8 (two chunks). The default loss_chunk (2048 >= B·T: one chunk) is the path of
+# most other tests of the train step; padded chunks are in the two tests after the next.
+@pytest.mark.parametrize("tied, chunk", [(False, 16), (False, 32), (True, 32)])
 def test_chunked_loss_and_gradients_equal_the_reference(tied, chunk):
   cfg, params, batch, (want_loss, want_tokens, want_grads) = _case(tied)
   assert ("lm_head" in params) != tied
@@ -123,10 +122,10 @@ def test_chunked_cross_entropy_matches_float64_numpy():
     assert float(total) == pytest.approx(want, rel=1e-6)
 
 
-# Chunks per device: 1 row x 6 positions (3 chunks, padded), 2 rows x 2 positions of the 8 on each
-# context device (4 chunks), 2 rows x 3 (3 chunks, padded).
+# Chunks per device: 1 row x at most 6 positions (4 chunks of 4: the fewest that divide T), 2 rows x 2
+# positions of the 8 on each context device (4 chunks), 2 rows x 4 (2 chunks).
 @pytest.mark.parametrize("tied, fsdp, cp, tensor, chunk", [(False, 4, 1, 2, 6), (True, 2, 2, 2, 4),
-                                                         (False, 2, 2, 2, 6)])
+                                                         (False, 2, 2, 2, 8)])
 def test_chunked_loss_sharded_equals_one_device(tied, fsdp, cp, tensor, chunk, capfd):
   """Over 8 fake devices (FSDP x tensor, and with context parallelism in its 2·CP-chunk row layout) the
   chunked loss, count and gradients equal the one-device oracle's; no resharding by replication.
@@ -150,15 +149,18 @@ def test_chunked_loss_sharded_equals_one_device(tied, fsdp, cp, tensor, chunk, c
 def test_chunks_reduce_the_output_weight_gradient_once(tied, fsdp, cp, tensor):
   """The output weight's gradient is a sum over every device's tokens: under FSDP (and context
   parallelism) the chunks add their parts up unreduced and the step reduces the sum once, so 4 chunks
-  move the same gradient bytes as one (compiled only: the collectives in the HLO, times their runs).
+  move the same gradient bytes as one; W is all-gathered over fsdp once, whatever the chunks, and
+  nothing else is gathered (compiled only: the collectives in the HLO, times their runs; the loss and
+  its gradient as the train step takes them, and the loss alone as evaluation does).
   Allowed: 1% — the loss and count scalars are reduced per chunk (4 bytes each)."""
   from jax.sharding import NamedSharding
   from llama_jax.training import aot
   b, t, d, v = 8, 32, 64, 512
+  w_gathered = d * v * 4 // tensor  # W after its fsdp all-gather, still split over tensor
 
   mesh = sharding.make_mesh(fsdp=fsdp, context=cp, tensor=tensor)
 
-  def reduced_bytes(chunk):
+  def collective_bytes(chunk, grad):
     cfg = dataclasses.replace(C.TINY_TIED if tied else C.TINY, vocab_size=v, dim=d, loss_chunk=chunk)
     with sharding.use(mesh, sharding.logical_rules(cfg, mesh)):
       spec = lambda *axes: NamedSharding(mesh, sharding.activation_spec(axes))
@@ -167,17 +169,22 @@ def test_chunks_reduce_the_output_weight_gradient_once(tied, fsdp, cp, tensor):
                                sharding=spec(*(("vocab", "embed") if tied else ("embed", "vocab"))))
       ids = jax.ShapeDtypeStruct((b, t), jnp.int32, sharding=spec("act_batch", "act_seq"))
       loss = lambda x, w, y, m: losses.chunked_cross_entropy(x, w, cfg, y, m)[0]
-      text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w, ids, ids).compile().as_text()
+      f = jax.value_and_grad(loss, argnums=(0, 1)) if grad else loss
+      text = jax.jit(f).lower(x, w, ids, ids).compile().as_text()
     found = aot.parse_collectives(text, mesh.size)
     total = lambda kinds: sum(c.bytes * c.runs for c in found if c.kind in kinds)
-    return total(("reduce-scatter", "all-reduce")), total(("all-gather",))
+    return total(("reduce-scatter", "all-reduce")), total(("all-gather",)), total(("collective-permute",))
 
   # 8 rows x 32 positions: 2 x 32 tokens on a device of (4, 1, 2), 4 x 16 on one of (2, 2, 2); 16 tokens
   # per chunk on each: 4 chunks.
-  (one, gathered_one), (four, gathered_four) = reduced_bytes(b * t), reduced_bytes(16)
-  assert one >= d * v * 4 / tensor  # the output weight's gradient is among them
-  assert four == pytest.approx(one, rel=0.01)
-  assert gathered_four == gathered_one  # W's FSDP all-gather, not once per chunk
+  for grad in (True, False):
+    (one, gathered_one, moved_one), (four, gathered_four, moved_four) = (
+        collective_bytes(b * t, grad), collective_bytes(16, grad))
+    assert gathered_one == gathered_four == w_gathered, grad
+    assert moved_one == moved_four == 0, grad
+    if grad:
+      assert one >= w_gathered  # the output weight's gradient is among the reductions
+      assert four == pytest.approx(one, rel=0.01)
 
 
 def test_chunked_loss_gradient_does_not_hold_the_logits():
@@ -208,10 +215,10 @@ def test_loss_chunk_must_be_positive():
 def test_output_layer_matmuls_run_once_each(tied):
   """The loss's gradient costs the output layer's three matmuls (logits, d x, d W) and no recomputed
   logits; the loss alone (evaluation) costs one. Counted in the compiled HLO (profiling.hlo_ops: each
-  instruction once, so one chunk's worth of the scan over chunks), with chunks and padding (T = 10,
-  2 rows x 4 positions per chunk: 3 chunks of 4, 2 padded positions)."""
+  instruction once, so one chunk's worth of the scan over chunks), with chunks and padding (T = 11,
+  2 rows x 4 positions per chunk: 3 chunks of 4, 1 padded position)."""
   from llama_jax.training import profiling
-  b, t, d, v = 2, 10, 8, 64
+  b, t, d, v = 2, 11, 8, 64
   cfg = dataclasses.replace(C.TINY, vocab_size=v, dim=d, loss_chunk=8, tie_embeddings=tied)
   x = jnp.ones((b, t, d))
   w = jnp.ones((v, d) if tied else (d, v))
