@@ -41,7 +41,7 @@ from llama_jax.evals import heldout
 from llama_jax.interop import init_from, orbax as orbax_lib
 from llama_jax.model import params as params_lib
 from llama_jax.parallel import batching, sharding
-from llama_jax.training import checkpoint, loop, metrics as metrics_lib, posttrain_losses as pl
+from llama_jax.training import checkpoint, flops, loop, metrics as metrics_lib, posttrain_losses as pl
 from llama_jax.training import preemption as preemption_lib, pretrain, reporting, step as train
 from llama_jax.training.optim import OptimizerConfig
 from llama_jax.training.stages import Stage
@@ -205,6 +205,7 @@ def post_train(cfg: PostTrainConfig) -> dict:
   mesh = sharding.make_mesh(data=cfg.mesh_data, fsdp=cfg.mesh_fsdp, tensor=cfg.mesh_tensor)
   sharding.validate(model_cfg, mesh)
   train.check_batch_shape(cfg.batch_size, cfg.seq_len, model_cfg, cfg.optim, mesh)
+  flops.peak_flops(mesh.devices.flat[0])  # on CPU measured now, before the input pipeline's workers run
 
   # The data: every line validated before anything trains.
   rows = batching.local_rows(mesh, cfg.batch_size)

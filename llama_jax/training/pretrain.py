@@ -324,6 +324,7 @@ def _pretrain(run, train_src, eval_src, tok, run_dir) -> dict:
   mesh = sharding.make_mesh(data=run.mesh_data, fsdp=run.mesh_fsdp, context=run.mesh_context,
                             tensor=run.mesh_tensor)
   sharding.validate(model_cfg, mesh)
+  flops.peak_flops(mesh.devices.flat[0])  # on CPU measured now, before the input pipeline's workers run
   stages = run.stages or (Stage(0, run.batch_size, run.seq_len),)
   starts = stage_start_steps(stages)
   for st in stages:  # every stage's shapes are checked before anything is trained

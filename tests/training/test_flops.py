@@ -49,3 +49,16 @@ def test_measured_cpu_peak_and_mfu():
   # 1000 tokens/s of the 8B at 8K context on 8 H100s.
   fpt = flops.flops_per_token(C.LLAMA31_8B, 8192)
   assert flops.mfu(1000.0, fpt, 8, 989e12) == pytest.approx(1000 * fpt / (8 * 989e12))
+
+
+def test_cpu_peak_is_measured_once_per_process(monkeypatch):
+  """A run measures the host's peak before its input pipeline starts; the MFU readers made later (one per
+  stage) reuse that value instead of measuring again while the pipeline's workers share the cores."""
+  rates = iter([200e9, 100e9])  # a quiet host, then one with the input pipeline running
+  calls = []
+  monkeypatch.setattr(flops, "measure_matmul_peak", lambda: calls.append(1) or next(rates))
+  monkeypatch.setattr(flops, "_MEASURED_PEAK", {}, raising=False)
+  cpu = jax.devices("cpu")[0]
+  assert flops.peak_flops(cpu) == 200e9
+  assert flops.peak_flops(cpu) == 200e9
+  assert len(calls) == 1
