@@ -62,8 +62,12 @@ def test_breakdown_of_a_real_trace(tmp_path):
     for _ in range(2):
       compiled(w).block_until_ready()
   path = glob.glob(os.path.join(tmp_path, "**", "*.xplane.pb"), recursive=True)[0]
-  events = list(profiling.trace_events(jax.profiler.ProfileData.from_file(path)))
+  profile = jax.profiler.ProfileData.from_file(path)
+  events = list(profiling.trace_events(profile))
   cats, matmuls, _ = profiling.breakdown(ops, events, steps=2)
+  wall = profiling.wall_breakdown(ops, profiling.trace_spans(profile), steps=2)
+  assert wall.by_category["matmul"] > 0 and wall.span >= wall.by_category["matmul"]
+  assert sum(wall.by_category.values()) + wall.idle == pytest.approx(wall.span, rel=1e-9)
   assert cats["matmul"].events == 3  # per step: once per loop iteration
   assert cats["matmul"].flops == 3 * 2 * 128**3
   assert cats["matmul"].seconds > 0
