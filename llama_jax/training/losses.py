@@ -119,9 +119,9 @@ def _output_loss_scan(config: ModelConfig, split: tuple[int, int], x_nBcD, w_out
   dw_axes = ("act_batch" if p > 1 else None, "act_seq" if q > 1 else None, *w_axes)
   if p * q > 1:
     dw_spec = "PbQcV,PbQcD->PQVD" if tied else "PbQcV,PbQcD->PQDV"
-    split = lambda a_BcX: a_BcX.reshape(p, b // p, q, c // q, a_BcX.shape[-1])
+    by_device = lambda a_BcX: a_BcX.reshape(p, b // p, q, c // q, a_BcX.shape[-1])
     dw_partial = lambda dl_BcV, x_BcD: nn.with_logical_constraint(
-        jnp.einsum(dw_spec, split(dl_BcV), split(x_BcD), preferred_element_type=jnp.float32),
+        jnp.einsum(dw_spec, by_device(dl_BcV), by_device(x_BcD), preferred_element_type=jnp.float32),
         dw_axes)
     dw_shape = (p, q, *w.shape)
   else:

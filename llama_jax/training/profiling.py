@@ -163,10 +163,7 @@ def hlo_ops(hlo_text: str) -> dict[str, Op]:
 
 def trace_events(profile) -> Iterable[tuple[str, int]]:
   """(event name, duration ns) of every event of a `jax.profiler.ProfileData`."""
-  for plane in profile.planes:
-    for line in plane.lines:
-      for ev in line.events:
-        yield ev.name, ev.duration_ns
+  return ((name, end - start) for name, start, end in trace_spans(profile))
 
 
 def trace_spans(profile) -> Iterable[tuple[str, int, int]]:
@@ -217,10 +214,9 @@ class Wall:
 def wall_breakdown(ops: dict[str, Op], spans: Iterable[tuple[str, int, int]], steps: int = 1) -> Wall:
   """Split the wall time of the traced ops (events not naming an op of `ops` are ignored) per step."""
   evs = [(ops[n], a, b) for n, a, b in spans if n in ops and b > a]
-  by_cat = {c: 0.0 for c in CATEGORIES}
   by_src: dict[tuple[str, str], float] = {}
   if not evs:
-    return Wall(0.0, 0.0, by_cat, by_src)
+    return Wall(0.0, 0.0, {c: 0.0 for c in CATEGORIES}, by_src)
   edges = sorted([(a, 1, i) for i, (_, a, _) in enumerate(evs)] + [(b, 0, i) for i, (_, _, b) in enumerate(evs)])
   running: set[int] = set()
   idle, last = 0, edges[0][0]
@@ -229,14 +225,12 @@ def wall_breakdown(ops: dict[str, Op], spans: Iterable[tuple[str, int, int]], st
       if running:
         share = (t - last) / len(running)
         for j in running:
-          op = evs[j][0]
-          by_cat[op.category] += share
-          key = (op.category, op.source)
+          key = (evs[j][0].category, evs[j][0].source)
           by_src[key] = by_src.get(key, 0.0) + share
       else:
         idle += t - last
       last = t
     (running.add if starts else running.discard)(i)
   per = lambda ns: ns * 1e-9 / steps
-  return Wall(per(edges[-1][0] - edges[0][0]), per(idle), {c: per(v) for c, v in by_cat.items()},
-              {k: per(v) for k, v in by_src.items()})
+  by_cat = {c: per(sum(v for (cat, _), v in by_src.items() if cat == c)) for c in CATEGORIES}
+  return Wall(per(edges[-1][0] - edges[0][0]), per(idle), by_cat, {k: per(v) for k, v in by_src.items()})
