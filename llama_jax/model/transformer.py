@@ -25,6 +25,7 @@ from jaxtyping import Array, Float, Int
 from llama_jax.parallel import sharding
 from llama_jax.model import cache as kv_cache
 from llama_jax.model.attention import MaskInfo, attention
+from llama_jax.kernels.dense import dense
 from llama_jax.config import ModelConfig, RopeScaling
 
 _REMAT_POLICIES = {
@@ -115,9 +116,9 @@ class Attention(nn.Module):
     wo_KGHD = p("wo", ("kv_heads", "q_per_kv", "head_dim", "embed"), (k, g, h, d),
                 _dense_init((0, 1, 2), 3))
 
-    q_BTKGH = jnp.einsum("BTD,DKGH->BTKGH", x_BTD, wq_DKGH)
-    k_BSKH = jnp.einsum("BSD,DKH->BSKH", x_BTD, wk_DKH)
-    v_BSKH = jnp.einsum("BSD,DKH->BSKH", x_BTD, wv_DKH)
+    q_BTKGH = dense("BTD,DKGH->BTKGH", x_BTD, wq_DKGH)
+    k_BSKH = dense("BSD,DKH->BSKH", x_BTD, wk_DKH)
+    v_BSKH = dense("BSD,DKH->BSKH", x_BTD, wv_DKH)
     q_BTKGH = nn.with_logical_constraint(
         q_BTKGH, ("act_batch", "act_seq", "act_kv_heads", "act_q_per_kv", "act_head_dim"))
     kv_axes = lambda seq: ("act_batch", seq, "act_kv_heads", "act_head_dim")
@@ -137,7 +138,7 @@ class Attention(nn.Module):
       # blockwise, when asked for: long prompts) serves cached attention.
       impl = "blockwise" if impl == "blockwise" else "einsum"
     out_BTKGH = attention(q_BTKGH, k_BSKH, v_BSKH, mask, impl, self.block_size)
-    return jnp.einsum("BTKGH,KGHD->BTD", out_BTKGH, wo_KGHD), cache
+    return dense("BTKGH,KGHD->BTD", out_BTKGH, wo_KGHD), cache
 
 
 class MLP(nn.Module):
@@ -154,9 +155,9 @@ class MLP(nn.Module):
     w_up_DF = p("w_up", ("embed", "mlp"), (d, f), _dense_init(0, 1))
     w_down_FD = p("w_down", ("mlp", "embed"), (f, d), _dense_init(0, 1))
     # SwiGLU: w_down(silu(w_gate x) * w_up x).
-    h_BTF = nn.silu(jnp.einsum("BTD,DF->BTF", x_BTD, w_gate_DF)) * jnp.einsum("BTD,DF->BTF", x_BTD, w_up_DF)
+    h_BTF = nn.silu(dense("BTD,DF->BTF", x_BTD, w_gate_DF)) * dense("BTD,DF->BTF", x_BTD, w_up_DF)
     h_BTF = nn.with_logical_constraint(h_BTF, ("act_batch", "act_seq", "act_mlp"))
-    return jnp.einsum("BTF,FD->BTD", h_BTF, w_down_FD)
+    return dense("BTF,FD->BTD", h_BTF, w_down_FD)
 
 
 class Block(nn.Module):

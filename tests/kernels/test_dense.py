@@ -1,0 +1,85 @@
+"""kernels.dense equals its einsum oracle (forward and both gradients) and float64 NumPy, keeps dtypes,
+rejects specs it does not handle, and its weight gradient makes XLA transpose the narrower operand."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llama_jax.kernels.dense import dense, dense_oracle
+
+TOL = 1e-5  # fp32: the same products summed in another order
+
+# The model's projections (llama_jax/model/transformer.py) at tiny sizes: B 2, T 16, D 8, F 24, K 2, G 2,
+# H 2 (K·G·H = 8 = D, K·H = 4 < D). Gate/up: x narrower than dy; down, k/v: dy narrower; q/o: equal.
+SHAPES = {"B": 2, "T": 16, "S": 16, "D": 8, "F": 24, "K": 2, "G": 2, "H": 2}
+SPECS = ["BTD,DF->BTF", "BTF,FD->BTD", "BTD,DKGH->BTKGH", "BSD,DKH->BSKH", "BTKGH,KGHD->BTD"]
+
+
+def _operands(spec, dtype=np.float32, seed=0):
+  rng = np.random.default_rng(seed)
+  (xs, ws), out = spec.split("->")[0].split(","), spec.split("->")[1]
+  make = lambda letters: rng.standard_normal([SHAPES[c] for c in letters]).astype(dtype)
+  return make(xs), make(ws), make(out)
+
+
+def _value_and_grads(fn, spec, x, w, r):
+  """The output and the gradients (x, w) of <out, r> (r random: every output counts)."""
+  f = lambda x, w: ((fn(spec, x, w) * r).sum(), fn(spec, x, w))
+  (_, out), (dx, dw) = jax.jit(jax.value_and_grad(f, (0, 1), has_aux=True))(x, w)
+  return out, dx, dw
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_equals_the_oracle_and_float64(spec):
+  x, w, r = _operands(spec)
+  got = _value_and_grads(dense, spec, x, w, r)
+  want = _value_and_grads(dense_oracle, spec, x, w, r)
+  xs, ws = spec.split("->")[0].split(",")
+  out = spec.split("->")[1]
+  x64, w64, r64 = (a.astype(np.float64) for a in (x, w, r))
+  exact = (np.einsum(spec, x64, w64), np.einsum(f"{out},{ws}->{xs}", r64, w64),
+           np.einsum(f"{xs},{out}->{ws}", x64, r64))
+  for name, a, b, c in zip(("out", "dx", "dw"), got, want, exact):
+    assert a.shape == b.shape == c.shape, name
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=TOL, rtol=TOL, err_msg=name)
+    np.testing.assert_allclose(np.asarray(a), c, atol=TOL, rtol=TOL, err_msg=name)
+
+
+@pytest.mark.parametrize("spec", ["BTD,DF->BTF", "BTF,FD->BTD"])
+def test_gradients_keep_the_operands_dtypes(spec):
+  x, w, r = (jnp.asarray(a, jnp.bfloat16) for a in _operands(spec))
+  got = _value_and_grads(dense, spec, x, w, r)
+  want = _value_and_grads(dense_oracle, spec, x, w, r)
+  assert [a.dtype for a in got] == [b.dtype for b in want] == [jnp.bfloat16] * 3
+  for name, a, b in zip(("out", "dx", "dw"), got, want):
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=2e-2, atol=2e-2,
+                               err_msg=name)
+
+
+@pytest.mark.parametrize("spec", ["BTD,FD->BTF", "BTD,DF->BFT", "BTD->BTD", "TBD,DF->BTF"])
+def test_a_spec_it_does_not_handle_is_refused(spec):
+  x, w = np.ones((2, 3, 4), np.float32), np.ones((4, 5), np.float32)
+  with pytest.raises(ValueError, match=r"dense: spec .* is not '(<lead><in>,<in><out>-><lead><out>'|x,w->out')"):
+    dense(spec, x, w)
+
+
+def _transposed_dy_lines(fn):
+  """Lines of the compiled gradient (CPU) that write the gate projection's output gradient dy [B, T, F]
+  transposed ([F, B·T] or [F, B, T]): XLA's rewrite of a dot contracting two leading dims transposes the
+  dot's first operand. dy comes out of a SiLU backward fusion, as in the MLP."""
+  b, t, d, f = SHAPES["B"], SHAPES["T"], SHAPES["D"], SHAPES["F"]
+  x, w, r = _operands("BTD,DF->BTF")
+  loss = lambda w: (jax.nn.silu(fn("BTD,DF->BTF", x, w)) * r).sum()
+  hlo = jax.jit(jax.grad(loss)).lower(w).compile().as_text()
+  wide = re.compile(rf"= f32\[({f},{b * t}|{f},{b},{t})\]")
+  return [line for line in hlo.splitlines() if wide.search(line)]
+
+
+def test_the_weight_gradient_transposes_the_narrower_operand():
+  """The oracle (autodiff's dot(dy, x)) makes XLA write dy [B, T, F] transposed; dense's dot(x, dy)
+  transposes x [B, T, D] instead (D < F), so no [F, B·T] array is written."""
+  assert _transposed_dy_lines(dense_oracle), "the oracle no longer transposes dy: revisit kernels/dense.py"
+  assert _transposed_dy_lines(dense) == []
