@@ -35,8 +35,8 @@ def cross_entropy(logits_BTV: Float[Array, "B T V"], targets_BT: Int[Array, "B T
   # fp32 for the normalizer: logsumexp over a 128K vocab in bf16 loses the small probabilities.
   logits_BTV = logits_BTV.astype(jnp.float32)
   logz_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
-  # A masked sum instead of take_along_axis: with V sharded over `tensor` it reduces locally and then
-  # all-reduces a [B, T] array, where a gather would all-gather the [B, T, V] logits.
+  # A masked sum (the plain form, differentiated by autodiff; the chunked loss gathers instead): with V
+  # sharded over `tensor` it reduces locally and then all-reduces a [B, T] array.
   vocab_V = jnp.arange(logits_BTV.shape[-1])
   target_logit_BT = jnp.sum(jnp.where(vocab_V == targets_BT[..., None], logits_BTV, 0.0), axis=-1)
   mask_BT = mask_BT.astype(jnp.float32)
@@ -133,10 +133,16 @@ def _output_loss_scan(config: ModelConfig, split: tuple[int, int], x_nBcD, w_out
     loss, dw = carry
     x_BcD, targets_Bc, mask_Bc = inputs
     logits_BcV = transformer.output_logits(x_BcD, w, config)  # fp32
+    v = logits_BcV.shape[-1]
     logz_Bc = jax.nn.logsumexp(logits_BcV, axis=-1)
-    # A masked sum, not take_along_axis: with V over `tensor` it reduces locally (see cross_entropy).
-    hit_BcV = jnp.arange(logits_BcV.shape[-1]) == targets_Bc[..., None]
-    target_logit_Bc = jnp.sum(jnp.where(hit_BcV, logits_BcV, 0.0), axis=-1)
+    hit_BcV = jnp.arange(v) == targets_Bc[..., None]
+    # The target's logit gathered (B·c values), not summed out of a masked [B, c, V] pass: one pass over
+    # the chunk's logits fewer (on CPU the masked select was written out whole before its sum). Equal to
+    # cross_entropy's masked sum exactly, also for a target outside [0, V) (0 there, not a clipped pick).
+    # With V split over `tensor` each device picks from its own slice and the [B, c] picks are summed, as
+    # the masked sum's were; no logits are gathered (tests/training/test_losses.py counts the collectives).
+    picked_Bc = jnp.take_along_axis(logits_BcV, targets_Bc[..., None], axis=-1, mode="clip")[..., 0]
+    target_logit_Bc = jnp.where((targets_Bc >= 0) & (targets_Bc < v), picked_Bc, 0.0)
     loss = loss + jnp.sum((logz_Bc - target_logit_Bc) * mask_Bc)
     if not with_grads:
       return (loss, dw), None

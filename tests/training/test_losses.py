@@ -122,6 +122,26 @@ def test_chunked_cross_entropy_matches_float64_numpy():
     assert float(total) == pytest.approx(want, rel=1e-6)
 
 
+def test_targets_outside_the_vocabulary_count_as_the_oracle_counts_them():
+  """The chunked loss picks the target's logit by a gather; cross_entropy (the oracle) by a masked sum,
+  which gives 0 for a target outside [0, V). The gather must too (not a clipped neighbour's logit, not
+  NaN), masked or not, and the gradients stay the oracle's."""
+  rng = np.random.default_rng(2)
+  b, t, d, v = 2, 6, 8, 11
+  x = jnp.asarray(rng.standard_normal((b, t, d)).astype(np.float32))
+  w = jnp.asarray(rng.standard_normal((d, v)).astype(np.float32))
+  targets = jnp.asarray([[0, v, -1, 3, v + 5, 10], [v, 2, -7, 1, 0, v - 1]], jnp.int32)
+  mask = jnp.asarray([[1, 1, 1, 1, 0, 1], [1, 0, 1, 1, 1, 1]], jnp.int32)
+  cfg = dataclasses.replace(C.TINY, vocab_size=v, dim=d, loss_chunk=4)
+  chunked = lambda x, w: losses.chunked_cross_entropy(x, w, cfg, targets, mask)[0]
+  oracle = lambda x, w: losses.cross_entropy(jnp.einsum("BTD,DV->BTV", x, w), targets, mask)[0]
+  (got, got_grads), (want, want_grads) = (jax.value_and_grad(f, (0, 1))(x, w) for f in (chunked, oracle))
+  assert np.isfinite(float(got))
+  assert float(got) == pytest.approx(float(want), rel=1e-6)
+  for a, b_ in zip(got_grads, want_grads):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b_), rtol=1e-5, atol=1e-6)
+
+
 # Chunks per device: 1 row x at most 6 positions (4 chunks of 4: the fewest that divide T), 2 rows x 2
 # positions of the 8 on each context device (4 chunks), 2 rows x 4 (2 chunks).
 @pytest.mark.parametrize("tied, fsdp, cp, tensor, chunk", [(False, 4, 1, 2, 6), (True, 2, 2, 2, 4),
