@@ -12,9 +12,12 @@ contracted dims last: here dy, the gradient of the wider side. On the 45M benchm
 [B·T, F] gradient of the MLP's gate and up projections (F = 3·D), transposed by fusions that also
 compute the SiLU backward with strided reads: 0.36 s of a 5.7 s CPU step (benchmarks/profile_step.py).
 Here the weight gradient is one dot whose first operand is the narrower of x and dy, so the one transpose
-XLA adds is of the smaller array (and of a plain input, not a fused computation). The arithmetic is the
-same sum over the leading dims; on backends whose matmuls take transposed operands for free (GPU, TPU)
-the choice costs nothing.
+XLA adds is of the smaller array (x [B·T, D] for gate and up). The arithmetic is the same sum over the
+leading dims in the same dtype; only the dot's operand order differs from autodiff's (measured on CPU
+only).
+
+The forward rule is the einsum itself, so remat policies that save dots (`dots_saveable`, ...) see and
+save its dot_general as they do the oracle's (tests/kernels/test_dense.py compares the saved residuals).
 """
 
 import functools
@@ -32,6 +35,8 @@ def _split(spec: str) -> tuple[str, str, str]:
     xs, ws = inputs.split(",")
   except ValueError:
     raise ValueError(f"dense: spec {spec!r} is not 'x,w->out'.") from None
+  if not (xs + ws + out).isalpha() or len(set(xs)) < len(xs) or len(set(ws)) < len(ws):
+    raise ValueError(f"dense: spec {spec!r} must name each dimension of x and of w once, by a letter.")
   contracted = "".join(c for c in xs if c in ws)
   lead, feat_out = xs[:len(xs) - len(contracted)], ws[len(contracted):]
   if not contracted or xs != lead + contracted or ws != contracted + feat_out or out != lead + feat_out:
@@ -54,7 +59,9 @@ def dense(spec: str, x, w):
 
 
 def _dense_fwd(spec, x, w):
-  return dense(spec, x, w), (x, w)
+  # The einsum, not a call of `dense`: under jax.checkpoint a nested custom_vjp call is one opaque step
+  # that dot-saving policies do not recognise, so the projection would be recomputed.
+  return jnp.einsum(spec, x, w), (x, w)
 
 
 def _dense_bwd(spec, res, dy):

@@ -138,8 +138,7 @@ def test_targets_outside_the_vocabulary_count_as_the_oracle_counts_them():
   (got, got_grads), (want, want_grads) = (jax.value_and_grad(f, (0, 1))(x, w) for f in (chunked, oracle))
   assert np.isfinite(float(got))
   assert float(got) == pytest.approx(float(want), rel=1e-6)
-  for a, b_ in zip(got_grads, want_grads):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b_), rtol=1e-5, atol=1e-6)
+  _assert_grads_close(*({"x": np.asarray(dx), "w": np.asarray(dw)} for dx, dw in (got_grads, want_grads)))
 
 
 # Chunks per device: 1 row x at most 6 positions (4 chunks of 4: the fewest that divide T), 2 rows x 2
