@@ -70,12 +70,14 @@ def _dense_bwd(spec, res, dy):
   dx = jnp.einsum(f"{lead}{feat_out},{contracted}{feat_out}->{lead}{contracted}", dy, w)
   n, n_in = len(lead), len(contracted)
   over_lead = (tuple(range(n)), tuple(range(n)))
-  if np.prod(x.shape[n:]) <= np.prod(dy.shape[n:]):
-    dw = lax.dot_general(x, dy, (over_lead, ((), ())))  # [*in, *out]: w's order
-  else:
-    dw = lax.dot_general(dy, x, (over_lead, ((), ())))  # [*out, *in]
-    n_out = dw.ndim - n_in
-    dw = jnp.transpose(dw, tuple(range(n_out, dw.ndim)) + tuple(range(n_out)))
+  # Named for profiles (benchmarks/profile_step.py): "bwd layers/mlp/d_weight BTD,DF->BTF".
+  with jax.named_scope(f"d_weight {spec}"):
+    if np.prod(x.shape[n:]) <= np.prod(dy.shape[n:]):
+      dw = lax.dot_general(x, dy, (over_lead, ((), ())))  # [*in, *out]: w's order
+    else:
+      dw = lax.dot_general(dy, x, (over_lead, ((), ())))  # [*out, *in]
+      n_out = dw.ndim - n_in
+      dw = jnp.transpose(dw, tuple(range(n_out, dw.ndim)) + tuple(range(n_out)))
   return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
