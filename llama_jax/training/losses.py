@@ -135,7 +135,6 @@ def _output_loss_scan(config: ModelConfig, split: tuple[int, int], x_nBcD, w_out
     logits_BcV = transformer.output_logits(x_BcD, w, config)  # fp32
     v = logits_BcV.shape[-1]
     logz_Bc = jax.nn.logsumexp(logits_BcV, axis=-1)
-    hit_BcV = jnp.arange(v) == targets_Bc[..., None]
     # The target's logit gathered (B·c values), not summed out of a masked [B, c, V] pass: one pass over
     # the chunk's logits fewer (on CPU the masked select was written out whole before its sum). Equal to
     # cross_entropy's masked sum exactly, also for a target outside [0, V) (0 there, not a clipped pick).
@@ -146,6 +145,7 @@ def _output_loss_scan(config: ModelConfig, split: tuple[int, int], x_nBcD, w_out
     loss = loss + jnp.sum((logz_Bc - target_logit_Bc) * mask_Bc)
     if not with_grads:
       return (loss, dw), None
+    hit_BcV = jnp.arange(v) == targets_Bc[..., None]
     dlogits_BcV = (jnp.exp(logits_BcV - logz_Bc[..., None]) - hit_BcV) * mask_Bc[..., None]
     dlogits_BcV = nn.with_logical_constraint(dlogits_BcV.astype(config.dtype),
                                              ("act_batch", "act_seq", "act_vocab"))
